@@ -1,0 +1,80 @@
+"""The client process: one Dialer shared by every listener (SOCKS5 now; redirect, forward later)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from mptun.client.tunnel import Dialer
+from mptun.common.address import Address
+from mptun.common.errors import ConfigError
+from mptun.common.listener import AcceptLoop
+from mptun.common.sockets import Transport, listen_socket
+
+log = logging.getLogger("mptun.client")
+
+
+class ListenerHandler(Protocol):
+    kind: str
+
+    async def handle(self, sock, peer: tuple) -> None: ...
+
+
+@dataclass
+class ListenerSpec:
+    bind: Address
+    handler: ListenerHandler
+
+
+class Client:
+    def __init__(
+        self, dialer: Dialer, listeners: list[ListenerSpec], max_connections: int = 4096
+    ) -> None:
+        if not listeners:
+            raise ConfigError("nothing to listen on: give --socks (or another listener)")
+        self.dialer = dialer
+        self.specs = listeners
+        self.max_connections = max_connections
+        self.loops: list[AcceptLoop] = []
+        self.addresses: list[Address] = []
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> list[Address]:
+        local = Transport(want_mptcp=False)  # the LAN side is plain TCP
+        for spec in self.specs:
+            try:
+                sock, _ = listen_socket(spec.bind, local)
+            except OSError as e:
+                self._close_all()
+                raise ConfigError(
+                    f"cannot listen on {spec.bind} ({spec.handler.kind}): {e.strerror}"
+                ) from None
+            accept = AcceptLoop(loop, sock, spec.handler.handle, log, self.max_connections)
+            accept.start()
+            self.loops.append(accept)
+            host, port = sock.getsockname()[:2]
+            bound = Address.parse(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            self.addresses.append(bound)
+            log.info("%s listening on %s", spec.handler.kind, bound)
+        cfg = self.dialer.config
+        log.info(
+            "tunnel to %s (%s, cipher %s, relay %s, mode %s)",
+            cfg.server,
+            "MPTCP" if cfg.mptcp else "TCP",
+            cfg.cipher.name,
+            cfg.engine.name,
+            cfg.mode.name.lower(),
+        )
+        return self.addresses
+
+    def _close_all(self) -> None:
+        for a in self.loops:
+            a.close()
+        self.loops.clear()
+
+    async def stop(self, drain_timeout: float) -> int:
+        for a in self.loops:
+            a.close()
+        left = await asyncio.gather(*(a.drain(drain_timeout) for a in self.loops))
+        return sum(left)

@@ -1,0 +1,288 @@
+"""The one path every client listener shares: dial the server, handshake, relay.
+
+Listeners differ only in where the target comes from (a SOCKS request, the original destination of
+a redirected connection, a fixed forward); each hands an accepted socket, its target and any bytes
+already read to `Dialer.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from mptun.common.address import Address
+from mptun.common.crypto import CipherSpec
+from mptun.common.errors import ProtocolError, Status
+from mptun.common.handshake import (
+    MAX_EARLY_DATA,
+    ClientHandshake,
+    ConnectStatus,
+    NeedData,
+    Response,
+    WireMode,
+)
+from mptun.common.logutil import BurstLog, human_bytes
+from mptun.common.relay import Engine
+from mptun.common.sockets import (
+    Transport,
+    connect,
+    family_of,
+    is_mptcp,
+    reset,
+    resolve,
+    set_keepalive,
+    set_user_timeout,
+    tune_leg,
+)
+
+log = logging.getLogger("mptun.client")
+
+# Called with the server's answer before relaying (a SOCKS reply in `verified` mode); returns
+# False when the connection should not be relayed.
+StatusHook = Callable[[ConnectStatus], Awaitable[bool]]
+
+
+@dataclass
+class TunnelConfig:
+    server: Address
+    psk: bytes
+    cipher: CipherSpec
+    engine: Engine
+    mptcp: bool = True
+    mode: WireMode = WireMode.PLAIN
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 15.0  # covers the server's own connect to the target
+    early_data_wait: float = 0.05  # how long to wait for the application's first bytes
+    idle_timeout: float | None = None
+    user_timeout: float = 60.0
+
+
+class TunnelError(Exception):
+    """The tunnel could not be set up; `status` says why (CONNECT, AUTH, TIMEOUT...)."""
+
+    def __init__(self, message: str, status: Status) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Dialer:
+    """Opens tunnels to the server; owns the transport choice and the counters."""
+
+    def __init__(self, config: TunnelConfig) -> None:
+        self.config = config
+        self.transport = Transport(want_mptcp=config.mptcp)
+        self.counters: Counter[str] = Counter()
+        self._ids = 0
+        self._down_log = BurstLog(log, logging.WARNING)
+        self._silent_log = BurstLog(log, logging.WARNING, interval=60.0)
+        self._warned_fallback = False
+        self._keepalive_warned = False
+
+    def next_id(self) -> str:
+        self._ids += 1
+        return f"c{self._ids}"
+
+    async def open(self, loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, bool | None]:
+        """Connect a tunnel socket to the server; raise TunnelError when it cannot."""
+        server = self.config.server
+        if server.is_domain:
+            try:
+                addrs = await resolve(loop, str(server.host), server.port)
+            except OSError as e:
+                raise TunnelError(f"server {server}: {e}", Status.DNS) from None
+            if not addrs:
+                raise TunnelError(f"server {server}: no address", Status.DNS)
+        else:
+            addrs = [server.host]  # type: ignore[list-item]
+        last: OSError | None = None
+        for ip in addrs:
+            sock, _ = self.transport.socket(family_of(ip))
+            if self.transport.fell_back and not self._warned_fallback:
+                self._warned_fallback = True
+                log.warning("MPTCP unavailable on this kernel: tunnels use plain TCP")
+            try:
+                await connect(
+                    loop, sock, Address(ip, server.port).sockaddr(), self.config.connect_timeout
+                )
+            except OSError as e:
+                sock.close()
+                last = e
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            tune_leg(sock)
+            if not set_keepalive(sock) and not self._keepalive_warned:
+                self._keepalive_warned = True
+                log.info("keepalive timings refused on the tunnel socket: using SO_KEEPALIVE")
+            set_user_timeout(sock, self.config.user_timeout)
+            return sock, is_mptcp(sock)
+        assert last is not None
+        raise TunnelError(f"server {server} unreachable: {last.strerror}", Status.CONNECT)
+
+    async def run(
+        self,
+        cid: str,
+        source: str,
+        inner: socket.socket,
+        target: Address,
+        early_data: bytes = b"",
+        on_status: StatusHook | None = None,
+        wait_for_early_data: bool = True,
+    ) -> None:
+        """Tunnel `inner` to `target`. Owns `inner` from here: it is always closed."""
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        tune_leg(inner)
+        connecting = loop.create_task(self.open(loop))
+        try:
+            if wait_for_early_data and len(early_data) < MAX_EARLY_DATA:
+                early_data += await _read_early(
+                    loop, inner, connecting, self.config, MAX_EARLY_DATA - len(early_data)
+                )
+            tunnel, mptcp = await connecting
+        except TunnelError as e:
+            self.counters[e.status.value] += 1
+            self._down_log("%s %s -> %s: %s; resetting", cid, source, target, e)
+            await self._refuse(inner, on_status, ConnectStatus.GENERAL_FAILURE)
+            return
+        except OSError as e:
+            connecting.cancel()
+            log.info("%s %s: client connection failed: %s", cid, source, e.strerror)
+            reset(inner)
+            return
+        except BaseException:
+            connecting.cancel()
+            reset(inner)
+            raise
+        via = {True: "mptcp", False: "tcp-fallback", None: "tcp"}[mptcp]
+        hs = ClientHandshake(self.config.psk, self.config.cipher, target, self.config.mode)
+        try:
+            await loop.sock_sendall(tunnel, hs.first_flight(early_data[:MAX_EARLY_DATA]))
+            rest = early_data[MAX_EARLY_DATA:]
+            if rest:
+                await loop.sock_sendall(tunnel, rest)  # plain mode only: bytes flow as they are
+            response = await self._read_response(loop, tunnel, hs)
+        except (ProtocolError, TunnelError, OSError, TimeoutError) as e:
+            status = getattr(
+                e, "status", Status.TIMEOUT if isinstance(e, TimeoutError) else Status.CONNECT
+            )
+            self.counters[status.value] += 1
+            if status in (Status.TIMEOUT, Status.AUTH):
+                self._silent_log(
+                    "%s %s -> %s: the server did not answer the handshake (%s). Check that "
+                    "client and server use the same key and cipher, and that this machine's "
+                    "clock is right (the server ignores requests more than a minute off).",
+                    cid,
+                    source,
+                    target,
+                    e or "timed out",
+                )
+            else:
+                self._down_log("%s %s -> %s: tunnel failed: %s", cid, source, target, e)
+            tunnel.close()
+            await self._refuse(inner, on_status, ConnectStatus.GENERAL_FAILURE)
+            return
+        except BaseException:
+            reset(tunnel)
+            reset(inner)
+            raise
+        if response.status != ConnectStatus.SUCCEEDED:
+            self.counters["refused"] += 1
+            log.info(
+                "%s %s %s -> %s: server says %s",
+                cid,
+                source,
+                via,
+                target,
+                response.status.name.lower().replace("_", " "),
+            )
+            tunnel.close()
+            await self._refuse(inner, on_status, response.status)
+            return
+        if on_status is not None and not await on_status(response.status):
+            tunnel.close()
+            reset(inner)
+            return
+        log.info(
+            "%s %s %s -> %s: connected in %.0f ms",
+            cid,
+            source,
+            via,
+            target,
+            (time.monotonic() - started) * 1000,
+        )
+        stats = await self.config.engine.relay(
+            loop, inner, tunnel, idle_timeout=self.config.idle_timeout
+        )
+        self.counters["relayed"] += 1
+        log.info(
+            "%s %s closed after %.1f s: up %s, down %s, %s",
+            cid,
+            target,
+            stats.seconds,
+            human_bytes(stats.to_tunnel + len(early_data)),
+            human_bytes(stats.from_tunnel),
+            "clean" if stats.clean else f"reset ({stats.error})",
+        )
+
+    async def _read_response(
+        self, loop: asyncio.AbstractEventLoop, tunnel: socket.socket, hs: ClientHandshake
+    ) -> Response:
+        async with asyncio.timeout(self.config.handshake_timeout):
+            while True:
+                event = hs.next_event()
+                if not isinstance(event, NeedData):
+                    return event
+                data = await loop.sock_recv(tunnel, hs.bytes_needed())
+                if not data:
+                    raise TunnelError("server closed the tunnel during the handshake", Status.AUTH)
+                hs.receive_data(data)
+
+    async def _refuse(
+        self, inner: socket.socket, on_status: StatusHook | None, status: ConnectStatus
+    ) -> None:
+        """Tell the application it failed: a SOCKS reply if it waits for one, else a reset."""
+        if on_status is not None:
+            try:
+                await on_status(status)
+            except OSError:
+                pass
+            inner.close()
+        else:
+            reset(inner)
+
+
+async def _read_early(
+    loop: asyncio.AbstractEventLoop,
+    inner: socket.socket,
+    connecting: asyncio.Task,
+    config: TunnelConfig,
+    limit: int,
+) -> bytes:
+    """The application's first bytes, read while the tunnel connects, to ride in the first flight.
+
+    Waits until the tunnel is connected, then at most `early_data_wait` more, for protocols where
+    the server speaks first.
+    """
+    readable = loop.create_future()
+    fd = inner.fileno()
+    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+    try:
+        await asyncio.wait({readable, connecting}, return_when=asyncio.FIRST_COMPLETED)
+        connected = connecting.done() and not connecting.cancelled() and not connecting.exception()
+        if not readable.done() and connected:
+            await asyncio.wait({readable}, timeout=config.early_data_wait)
+    finally:
+        loop.remove_reader(fd)
+    if not readable.done():
+        return b""
+    try:
+        return inner.recv(limit)
+    except BlockingIOError:
+        return b""

@@ -1,0 +1,114 @@
+"""An accept loop on a listening socket, with a connection limit that stops accepting.
+
+At the limit the loop stops calling accept() (the kernel's backlog holds, then refuses, new
+connections) instead of accepting and closing them, which a prober could tell apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+from mptun.common.logutil import BurstLog
+
+Handler = Callable[[socket.socket, tuple], Awaitable[None]]
+
+# accept() errors that concern only the connection being accepted (see accept(2))
+_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH}
+_RESOURCE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class AcceptLoop:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        handler: Handler,
+        logger: logging.Logger,
+        max_connections: int = 4096,
+    ) -> None:
+        self.loop, self.sock, self.handler, self.logger = loop, sock, handler, logger
+        self.max_connections = max_connections
+        self.tasks: set[asyncio.Task] = set()
+        self._accepting = False
+        self._closed = False
+        self._refusal_log = BurstLog(logger)
+        self._resource_retry: asyncio.TimerHandle | None = None
+
+    @property
+    def active(self) -> int:
+        return len(self.tasks)
+
+    def start(self) -> None:
+        self._resume()
+
+    def _resume(self) -> None:
+        if not self._accepting and not self._closed:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+            self._accepting = True
+
+    def _pause(self) -> None:
+        if self._accepting:
+            self.loop.remove_reader(self.sock.fileno())
+            self._accepting = False
+
+    def _on_readable(self) -> None:
+        for _ in range(64):  # bounded: let other callbacks run under a flood
+            if len(self.tasks) >= self.max_connections:
+                self._pause()
+                self._refusal_log(
+                    "connection limit (%d) reached: not accepting until one ends",
+                    self.max_connections,
+                )
+                return
+            try:
+                conn, peer = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in _TRANSIENT:
+                    continue
+                if e.errno in _RESOURCE:
+                    # Out of fds or memory: back off for a moment instead of spinning.
+                    self._refusal_log("accept failed: %s; retrying in 1 s", e.strerror)
+                    self._pause()
+                    self._resource_retry = self.loop.call_later(1.0, self._retry)
+                    return
+                raise
+            conn.setblocking(False)
+            task = self.loop.create_task(self.handler(conn, peer))
+            self.tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _retry(self) -> None:
+        self._resource_retry = None
+        self._resume()
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.logger.error("connection handler failed", exc_info=task.exception())
+        if len(self.tasks) < self.max_connections and self._resource_retry is None:
+            self._resume()
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (open connections go on)."""
+        self._closed = True
+        self._pause()
+        if self._resource_retry:
+            self._resource_retry.cancel()
+        self.sock.close()
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to `timeout` for open connections to end, then cancel the rest; how many."""
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout)
+        left = list(self.tasks)
+        for t in left:
+            t.cancel()
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)
+        return len(left)

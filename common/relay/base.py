@@ -1,0 +1,255 @@
+"""The relay's skeleton: two one-way pumps driven by the event loop's readiness callbacks.
+
+A pump moves bytes src -> dst through an intermediate stage (a pipe for splice, a buffer for copy)
+with two primitives: `fill()` (src -> stage) and `drain()` (stage -> dst). The skeleton owns the
+rest: back-pressure (stop reading while the stage is full, wait for the writer), half-close (EOF on
+src becomes shutdown(SHUT_WR) on dst once the stage is empty), and abnormal ends (any socket error
+resets both legs so the peer never mistakes a truncated stream for a complete one).
+
+No coroutine runs per chunk: after setup the relay is a pair of callbacks per socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mptun.common.sockets import reset
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """What a relay did: bytes each way, how it ended, and why if abnormally."""
+
+    engine: str
+    to_tunnel: int = 0  # inner -> tunnel
+    from_tunnel: int = 0  # tunnel -> inner
+    clean: bool = True  # both directions ended with EOF and were flushed
+    error: str | None = None  # e.g. "tunnel: connection reset", "idle timeout"
+    started: float = field(default_factory=time.monotonic)
+    ended: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+
+class Engine(Protocol):
+    """Relays one connection; takes ownership of both sockets and closes them."""
+
+    name: str
+
+    async def relay(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        inner: socket.socket,
+        tunnel: socket.socket,
+        idle_timeout: float | None = None,
+    ) -> RelayStats: ...
+
+
+class Pump:
+    """One direction. Subclasses implement `fill`, `drain`, `pending`, `space`, `release`."""
+
+    def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, name: str) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.name = name  # which leg src is, for error messages: "inner" or "tunnel"
+        self.peer = "tunnel" if name == "inner" else "inner"
+        self.moved = 0
+        self.eof = False
+        self.done = False
+        self._reading = False
+        self._writing = False
+
+    # -- what an engine implements ------------------------------------------------------------
+    def fill(self) -> int:
+        """Move bytes src -> stage; 0 at EOF; BlockingIOError when nothing can move now."""
+        raise NotImplementedError
+
+    def drain(self) -> int:
+        """Move bytes stage -> dst (count them in `moved`); BlockingIOError when dst is full."""
+        raise NotImplementedError
+
+    @property
+    def pending(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def space(self) -> int:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Free the stage (close pipes). Called exactly once."""
+
+    def finish(self) -> None:
+        """Src ended cleanly and everything is flushed: tell dst (an engine may send more first)."""
+        self.dst.shutdown(socket.SHUT_WR)
+
+    # -- the skeleton ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._resume_reading()
+
+    def stop(self) -> None:
+        self._pause_reading()
+        if self._writing:
+            self.loop.remove_writer(self.dst_fd)
+            self._writing = False
+
+    def _resume_reading(self) -> None:
+        if not self._reading and not self.eof and not self.done and self.space > 0:
+            self.loop.add_reader(self.src_fd, self._on_readable)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.src_fd)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        try:
+            n = self.fill()
+        except BlockingIOError:
+            # Readable but nothing moved: the stage is full in a way `space` cannot see
+            # (a pipe's slots filled with partial pages). Wait for the drain to make room.
+            if self.pending:
+                self._pause_reading()
+                self._flush()
+            return
+        except OSError as e:
+            self.relay.abort(self.name, e)
+            return
+        self.relay.active = True
+        if n == 0:
+            self.eof = True
+            self._pause_reading()
+        self._flush()
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.pending:
+            try:
+                self.drain()
+            except BlockingIOError:
+                if not self._writing:
+                    self.loop.add_writer(self.dst_fd, self._on_writable)
+                    self._writing = True
+                if self.space <= 0:
+                    self._pause_reading()
+                return
+            except OSError as e:
+                self.relay.abort(self.peer, e)
+                return
+        if self._writing:
+            self.loop.remove_writer(self.dst_fd)
+            self._writing = False
+        if self.eof:
+            if not self.done:
+                try:
+                    self.finish()
+                except OSError as e:
+                    self.relay.abort(self.peer, e)
+                    return
+                self.done = True
+                self.relay.pump_done()
+        else:
+            self._resume_reading()
+
+
+class Relay:
+    """Runs two pumps over (inner, tunnel) to completion; owns and closes both sockets."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        inner: socket.socket,
+        tunnel: socket.socket,
+        engine: str,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self.loop = loop
+        self.inner, self.tunnel = inner, tunnel
+        self.stats = RelayStats(engine)
+        self.idle_timeout = idle_timeout
+        self.active = False
+        self.pumps: list[Pump] = []
+        self._done = loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def add_pumps(self, out: Pump, back: Pump) -> None:
+        """`out` moves inner -> tunnel, `back` tunnel -> inner."""
+        self.pumps = [out, back]
+
+    async def run(self) -> RelayStats:
+        try:
+            for p in self.pumps:
+                p.start()
+            if self.idle_timeout:
+                self._timer = self.loop.call_later(self.idle_timeout, self._check_idle)
+            await self._done
+        except asyncio.CancelledError:
+            self.abort("relay", None, "cancelled")
+            raise
+        finally:
+            if not self._closed:
+                self.abort("relay", None, "stopped")
+        return self.stats
+
+    def _check_idle(self) -> None:
+        if self._closed:
+            return
+        if not self.active:
+            self.abort("relay", None, "idle timeout")
+            return
+        self.active = False
+        self._timer = self.loop.call_later(self.idle_timeout, self._check_idle)  # type: ignore[arg-type]
+
+    def pump_done(self) -> None:
+        if all(p.done for p in self.pumps):
+            self._close(clean=True)
+
+    def abort(self, leg: str, exc: OSError | None, reason: str | None = None) -> None:
+        """End abnormally: reset both legs."""
+        if self._closed:
+            return
+        if reason is None:
+            assert exc is not None
+            reason = f"{leg}: {_describe(exc)}"
+        self.stats.error = reason
+        self._close(clean=False)
+
+    def _close(self, clean: bool) -> None:
+        self._closed = True
+        if self._timer:
+            self._timer.cancel()
+        for p in self.pumps:
+            p.stop()
+        out, back = self.pumps
+        self.stats.to_tunnel, self.stats.from_tunnel = out.moved, back.moved
+        self.stats.clean = clean
+        self.stats.ended = time.monotonic()
+        for p in self.pumps:
+            p.release()
+        for s in (self.inner, self.tunnel):
+            if clean:
+                s.close()
+            else:
+                reset(s)
+        if not self._done.done():
+            self._done.set_result(None)
+
+
+def _describe(e: OSError) -> str:
+    if e.errno is not None:
+        return os.strerror(e.errno).lower() + f" ({errno.errorcode.get(e.errno, e.errno)})"
+    return str(e)

@@ -1,0 +1,51 @@
+"""Running a service: the event loop (uvloop when installed), signals, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("mptun")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is installed, else asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(
+    start: Callable[[asyncio.AbstractEventLoop], None],
+    stop: Callable[[float], Awaitable[int]],
+    drain_timeout: float = 10.0,
+    reload: Callable[[], None] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT, then stop accepting and drain for up to `drain_timeout` s.
+
+    `start` binds listeners and may raise (a ConfigError reaches the caller). Returns 0.
+    """
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        start(loop)
+        stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload)
+        await stopping.wait()
+        log.info("stopping: no new connections, draining for up to %.0f s", drain_timeout)
+        left = await stop(drain_timeout)
+        if left:
+            log.info("stopped; %d connections were still open and have been reset", left)
+        else:
+            log.info("stopped")
+        return 0
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main())

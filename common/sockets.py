@@ -1,0 +1,190 @@
+"""Socket helpers: MPTCP creation with TCP fallback, non-blocking connect, keepalive, reset.
+
+Kernel facts used here:
+- IPPROTO_MPTCP is 262 and SOL_MPTCP 284 (include/uapi/linux/in.h, include/linux/socket.h).
+- `socket(..., IPPROTO_MPTCP)` fails with ENOPROTOOPT when `net.mptcp.enabled=0` and with
+  EPROTONOSUPPORT/EINVAL on kernels without MPTCP; both mean "use TCP".
+- Python 3.11's asyncio `sock_connect` calls getaddrinfo with proto=262, which fails, so connects
+  are done here with `connect_ex` and writer readiness.
+- MPTCP sockets accept SO_KEEPALIVE, and TCP_KEEPIDLE/INTVL/CNT only on newer kernels
+  (net/mptcp/sockopt.c); on refusal plain SO_KEEPALIVE with system defaults is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+
+from mptun.common.address import Address
+
+IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
+SOL_MPTCP = 284
+MPTCP_INFO = 1
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+
+# errno values meaning "this kernel/namespace will not make an MPTCP socket"
+_NO_MPTCP = {errno.ENOPROTOOPT, errno.EPROTONOSUPPORT, errno.EINVAL, errno.EAFNOSUPPORT}
+
+
+@dataclass(slots=True)
+class Transport:
+    """Which protocol to open tunnel sockets with; remembers a fallback so it warns once.
+
+    Owned by a client or server instance (no module-level state).
+    """
+
+    want_mptcp: bool = True
+    fell_back: bool = False
+
+    def socket(self, family: int) -> tuple[socket.socket, bool]:
+        """A new non-blocking stream socket and whether it is MPTCP.
+
+        Returns the fallback reason through `fell_back` the first time MPTCP is refused.
+        """
+        if self.want_mptcp and not self.fell_back:
+            try:
+                s = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP)
+            except OSError as e:
+                if e.errno not in _NO_MPTCP:
+                    raise
+                self.fell_back = True
+            else:
+                s.setblocking(False)
+                return s, True
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setblocking(False)
+        return s, False
+
+
+def family_of(host: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+    ip = ipaddress.ip_address(host) if isinstance(host, str) else host
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+async def connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, sockaddr: tuple, timeout: float
+) -> None:
+    """Connect a non-blocking socket; raise OSError (ETIMEDOUT on timeout) on failure."""
+    err = sock.connect_ex(sockaddr)
+    if err == 0:
+        return
+    if err not in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+        raise OSError(err, errno.errorcode.get(err, str(err)))
+    fut = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_writer(fd, ready)
+    try:
+        await asyncio.wait_for(fut, timeout)
+    except TimeoutError:
+        raise OSError(errno.ETIMEDOUT, "connection timed out") from None
+    finally:
+        loop.remove_writer(fd)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, errno.errorcode.get(err, str(err)))
+
+
+def tune_leg(sock: socket.socket) -> None:
+    """Options for every relayed socket: no Nagle delay on small writes."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def set_keepalive(sock: socket.socket, idle: int = 60, interval: int = 15, count: int = 4) -> bool:
+    """Enable keepalive with our timings; False if only SO_KEEPALIVE with defaults was possible."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    except OSError:
+        return False
+    return True
+
+
+def set_user_timeout(sock: socket.socket, seconds: float) -> bool:
+    """Bound how long unacknowledged data may wait before the connection is dropped."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(seconds * 1000))
+    except OSError:
+        return False
+    return True
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with RST instead of FIN (SO_LINGER 0), so a truncated stream never looks complete."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def is_mptcp(sock: socket.socket) -> bool | None:
+    """True if the connection runs MPTCP, False if it fell back to TCP, None if not MPTCP at all.
+
+    MPTCP_INFO fails with EOPNOTSUPP once a connection has fallen back (net/mptcp/sockopt.c).
+    """
+    if sock.proto != IPPROTO_MPTCP:
+        return None
+    try:
+        sock.getsockopt(SOL_MPTCP, MPTCP_INFO, 256)
+    except OSError:
+        return False
+    return True
+
+
+def listen_socket(
+    bind: Address, transport: Transport, backlog: int = 1024
+) -> tuple[socket.socket, bool]:
+    """A listening non-blocking socket (MPTCP when possible) on an IP address and port."""
+    family = family_of(bind.host)  # type: ignore[arg-type]
+    sock, mptcp = transport.socket(family)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and ipaddress.ip_address(bind.host).is_unspecified:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(bind.sockaddr())
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, mptcp
+
+
+async def resolve(
+    loop: asyncio.AbstractEventLoop, host: str, port: int
+) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Resolve a name to its addresses (in the resolver's order, duplicates removed)."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    out: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for family, _, _, _, sa in infos:
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        ip = ipaddress.ip_address(sa[0].split("%")[0])
+        if ip not in out:
+            out.append(ip)
+    return out
+
+
+def is_local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True if `ip` is one of this host's addresses: bind() to it succeeds only then."""
+    s = socket.socket(family_of(ip), socket.SOCK_STREAM)
+    try:
+        s.bind((str(ip), 0))
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True

@@ -1,0 +1,173 @@
+"""Options shared by the commands, and the config file.
+
+Precedence: command line > environment (MPTUN_<OPTION>) > config file (TOML, one table per
+command, keys are the long option names) > built-in default. The config file is read by an eager
+`--config` option into click's `default_map`, which click consults exactly between environment and
+default; required options are checked after that merge.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mptun.common.address import Address
+from mptun.common.crypto import CIPHERS, DEFAULT_CIPHER, decode_key, load_key_file
+from mptun.common.errors import ConfigError, MptunError
+
+ENV_PREFIX = "MPTUN_"
+
+
+def env(name: str) -> str:
+    """The environment variable for a long option: --key-file -> MPTUN_KEY_FILE."""
+    return ENV_PREFIX + name.upper().replace("-", "_")
+
+
+class HostPort(click.ParamType):
+    """HOST:PORT with IPv6 as [addr]:port. `ip_only` for addresses we bind to."""
+
+    name = "host:port"
+
+    def __init__(self, ip_only: bool = False, default_port: int | None = None) -> None:
+        self.ip_only = ip_only
+        self.default_port = default_port
+
+    def convert(self, value: Any, param, ctx) -> Address:
+        if isinstance(value, Address):
+            return value
+        try:
+            addr = Address.parse(str(value), self.default_port)
+        except MptunError as e:
+            self.fail(str(e), param, ctx)
+        if self.ip_only and addr.is_domain:
+            if addr.host == "localhost":
+                return Address.parse(f"127.0.0.1:{addr.port}")
+            self.fail(
+                f"{value!r}: give an IP address to listen on, e.g. 0.0.0.0:{addr.port} or "
+                f"[::]:{addr.port}",
+                param,
+                ctx,
+            )
+        return addr
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    table = ctx.command.name or ""
+    path = Path(value)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise click.BadParameter(f"{value}: no such file", ctx, param) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"{value}: cannot read: {e}", ctx, param) from None
+    except tomllib.TOMLDecodeError as e:
+        raise click.BadParameter(f"{value}: not valid TOML: {e}", ctx, param) from None
+    section = data.get(table, {})
+    if not isinstance(section, dict):
+        raise click.BadParameter(f"{value}: [{table}] must be a table", ctx, param)
+    known = {p.name: p for p in ctx.command.params if p.name and p.name != "config"}
+    defaults: dict[str, Any] = {}
+    for key, val in section.items():
+        name = key.replace("-", "_")
+        p = known.get(name)
+        if p is None or not isinstance(p, click.Option):
+            choices = ", ".join(sorted(k.replace("_", "-") for k in known))
+            raise click.BadParameter(
+                f"{value}: unknown key {key!r} in [{table}] (known: {choices})", ctx, param
+            )
+        if p.multiple and not isinstance(val, list):
+            val = [val]
+        if isinstance(val, dict):
+            raise click.BadParameter(f"{value}: [{table}] {key} must not be a table", ctx, param)
+        defaults[name] = val
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def config_option(f: Callable) -> Callable:
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        envvar=env("config"),
+        is_eager=True,
+        expose_value=False,
+        callback=_load_config,
+        help="TOML config file; its table for this command uses the long option names as keys.",
+    )(f)
+
+
+def key_options(f: Callable) -> Callable:
+    return click.option(
+        "--key-file",
+        type=click.Path(dir_okay=False),
+        envvar=env("key-file"),
+        help="File holding the pre-shared key (one base64 line, from `mptun genkey`). "
+        "The environment variable MPTUN_KEY may hold the key itself instead.",
+    )(f)
+
+
+def cipher_option(f: Callable) -> Callable:
+    return click.option(
+        "--cipher",
+        type=click.Choice(list(CIPHERS)),
+        default=DEFAULT_CIPHER,
+        show_default=True,
+        envvar=env("cipher"),
+        help="AEAD of the handshake (and of encrypted bulk data). Both ends must agree.",
+    )(f)
+
+
+def transport_option(f: Callable) -> Callable:
+    return click.option(
+        "--transport",
+        type=click.Choice(["mptcp", "tcp"]),
+        default="mptcp",
+        show_default=True,
+        envvar=env("transport"),
+        help="Tunnel protocol. mptcp falls back to TCP (with a warning) where the kernel refuses.",
+    )(f)
+
+
+def relay_option(f: Callable) -> Callable:
+    return click.option(
+        "--relay",
+        type=click.Choice(["auto", "splice", "copy"]),
+        default="auto",
+        show_default=True,
+        envvar=env("relay"),
+        help="Relay engine: splice keeps bytes in the kernel; copy goes through user space; "
+        "auto = splice where the kernel can.",
+    )(f)
+
+
+def timeout_option(name: str, default: float, what: str) -> Callable[[Callable], Callable]:
+    return click.option(
+        f"--{name}",
+        type=click.FloatRange(min=0.1),
+        default=default,
+        show_default=True,
+        envvar=env(name),
+        help=what,
+    )
+
+
+def resolve_key(ctx: click.Context, key_file: str | None) -> bytes:
+    """The key: --key-file on the command line, else MPTUN_KEY, else the merged key-file."""
+    source = ctx.get_parameter_source("key_file")
+    inline = os.environ.get(ENV_PREFIX + "KEY")
+    if key_file and source == click.core.ParameterSource.COMMANDLINE:
+        return load_key_file(key_file)
+    if inline:
+        return decode_key(inline, "MPTUN_KEY")
+    if key_file:
+        return load_key_file(key_file)
+    raise ConfigError(
+        "no key: give --key-file PATH (or set MPTUN_KEY); create one with `mptun genkey`"
+    )

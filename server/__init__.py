@@ -1,0 +1,1 @@
+"""The VPS side: accept, authenticate (absorbing failures), dial under a target policy, relay."""

@@ -1,0 +1,102 @@
+"""Which target addresses the server may connect to.
+
+By default the server refuses what a tunnel user should never reach through it: loopback, private,
+link-local, multicast, reserved, unspecified and the server's own addresses. IPv4 addresses hidden
+inside IPv6 forms are unwrapped first: IPv4-mapped (`::ffff:127.0.0.1`, which Python 3.11's
+`ipaddress` does not call loopback), IPv4-compatible, 6to4 (2002::/16) and NAT64 (64:ff9b::/96).
+Note: `ipaddress` counts the documentation ranges (192.0.2.0/24, ...) as private, so test beds
+open them with `--allow-target`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from mptun.common.errors import ConfigError
+from mptun.common.sockets import is_local_address
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped, compatible, 6to4, NAT64), if any."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64 or ip in _NAT64_LOCAL:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    packed = ip.packed
+    if packed[:12] == bytes(12) and int(ip) > 1:  # deprecated IPv4-compatible ::a.b.c.d
+        return ipaddress.IPv4Address(packed[12:])
+    return None
+
+
+def _forbidden(ip: IPAddress) -> str | None:
+    for name in (
+        "unspecified",
+        "loopback",
+        "link_local",
+        "multicast",
+        "private",
+        "reserved",
+        "site_local",
+    ):
+        if getattr(ip, f"is_{name}", False):
+            return name.replace("_", "-")
+    if isinstance(ip, ipaddress.IPv4Address) and ip in ipaddress.IPv4Network("100.64.0.0/10"):
+        return "shared (CGNAT)"
+    return None
+
+
+def parse_cidrs(values: Iterable[str]) -> list[IPNetwork]:
+    out = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_network(v.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"allow-target: not a CIDR: {v!r}") from None
+    return out
+
+
+@dataclass
+class TargetPolicy:
+    """Decides per resolved address; `allow` opens ranges, `allow_private` opens all.
+
+    `is_own` tells whether an address is one of the server's own (default: ask the kernel).
+    """
+
+    allow: list[IPNetwork] = field(default_factory=list)
+    allow_private: bool = False
+    is_own: Callable[[IPAddress], bool] = is_local_address
+
+    def check(self, ip: IPAddress) -> str | None:
+        """None if `ip` may be connected to, else the reason it may not."""
+        inner = embedded_ipv4(ip)
+        # A wrapper form is judged by the IPv4 address it carries; 6to4 by both.
+        if inner is None:
+            candidates = [ip]
+        elif ip.sixtofour is not None:  # type: ignore[union-attr]
+            candidates = [ip, inner]
+        else:
+            candidates = [inner]
+        for c in candidates:
+            if any(c.version == n.version and c in n for n in self.allow):
+                return None
+        if self.allow_private:
+            return None
+        for c in candidates:
+            why = _forbidden(c)
+            if why:
+                return f"{why} address {c}"
+            if self.is_own(c):
+                return f"the server's own address {c}"
+        return None

@@ -1,0 +1,53 @@
+# The README's two commands: `make demo` (the multipath demo) and `make test` (the test suite).
+# Both install what they need on a fresh Debian/Ubuntu machine: apt packages (as root) and .venv.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian packages the tests (and the demo) use; only missing ones are installed.
+APT_PACKAGES := iproute2 procps curl nftables iperf3 kmod
+PYTEST_ARGS ?= --durations=25
+
+.PHONY: demo test deps venv lint format bench clean
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" -ne 0 ]; then echo "missing packages:$$missing (run as root to install)"; \
+	  else echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: deps venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+demo: deps venv
+	$(VENV)/bin/mptun demo
+
+bench: deps venv
+	$(VENV)/bin/mptun bench
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

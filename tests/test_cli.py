@@ -1,0 +1,172 @@
+"""The command line: keys, errors as one line (never a traceback), option precedence."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import MptunProcess, free_port, wait_listening
+
+
+def mptun(*args: str, env: dict | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "mptun", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str, code: int = 2) -> None:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("mptun: error:"), lines[0]
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+
+
+def test_genkey_prints_one_base64_line_of_32_bytes():
+    r = mptun("genkey")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1
+    assert len(base64.b64decode(lines[0], validate=True)) == 32
+    assert mptun("genkey").stdout != r.stdout
+
+
+def test_genkey_output_file_is_private_and_never_overwritten(tmp_path: Path):
+    p = tmp_path / "k"
+    assert mptun("genkey", "-o", str(p)).returncode == 0
+    assert p.stat().st_mode & 0o777 == 0o600
+    before = p.read_text()
+    assert_one_line_error(mptun("genkey", "-o", str(p)), "exists", code=1)
+    assert p.read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["server", "--listen", "nonsense"], ["--listen"]),
+        (["server", "--listen", "127.0.0.1:99999"], ["port"]),
+        (["server", "--listen", "example.com:80"], ["IP address"]),
+        (["server"], ["--listen"]),
+        (["server", "--listen", "127.0.0.1:1", "--cipher", "rot13"], ["rot13"]),
+        (["client", "--socks", "127.0.0.1:1080"], ["--server"]),
+        (["server", "--bogus"], ["--bogus"]),
+        (["frobnicate"], ["frobnicate"]),
+    ],
+)
+def test_bad_options(args, words):
+    assert_one_line_error(mptun(*args), *words)
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "words"),
+    [
+        ("not base64!!\n", 0o600, ["base64"]),
+        (base64.b64encode(b"short").decode(), 0o600, ["5 bytes"]),
+        (base64.b64encode(bytes(32)).decode(), 0o644, ["readable by other users", "chmod 600"]),
+    ],
+)
+def test_bad_key_files(tmp_path: Path, content, mode, words):
+    p = tmp_path / "key"
+    p.write_text(content)
+    p.chmod(mode)
+    r = mptun("server", "--listen", f"127.0.0.1:{free_port()}", "--key-file", str(p))
+    assert_one_line_error(r, *words)
+    assert content.strip() not in r.stderr  # never echo key material
+
+
+def test_missing_key(tmp_path: Path):
+    r = mptun("server", "--listen", "127.0.0.1:1", "--key-file", str(tmp_path / "nope"))
+    assert_one_line_error(r, "no such file")
+    r = mptun("server", "--listen", "127.0.0.1:1")
+    assert_one_line_error(r, "no key")
+
+
+def test_port_in_use(key_file: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = mptun("server", "--listen", f"127.0.0.1:{port}", "--key-file", str(key_file))
+        assert_one_line_error(r, "address already in use", str(port))
+        r = mptun(
+            "client",
+            "--server",
+            "127.0.0.1:1",
+            "--key-file",
+            str(key_file),
+            "--socks",
+            f"127.0.0.1:{port}",
+        )
+        assert_one_line_error(r, "address already in use")
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[server]\nlisten = 5\nfrob = 1\n", ["unknown key 'frob'"]),
+        ("[server\n", ["not valid TOML"]),
+        ('[server]\nlisten = "nonsense"\n', ["--listen"]),
+    ],
+)
+def test_bad_config(tmp_path: Path, key_file: Path, text, words):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    r = mptun("server", "--config", str(cfg), "--key-file", str(key_file))
+    assert_one_line_error(r, *words)
+
+
+def test_precedence_cli_over_env_over_config(tmp_path: Path, key_file: Path):
+    """Each layer is observed by the port the server really listens on."""
+    p_cfg, p_env, p_cli = free_port(), free_port(), free_port()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[server]\nlisten = "127.0.0.1:{p_cfg}"\nkey-file = "{key_file}"\n')
+    cases = [
+        ([], {}, p_cfg),
+        ([], {"MPTUN_LISTEN": f"127.0.0.1:{p_env}"}, p_env),
+        (["--listen", f"127.0.0.1:{p_cli}"], {"MPTUN_LISTEN": f"127.0.0.1:{p_env}"}, p_cli),
+    ]
+    for i, (args, env, port) in enumerate(cases):
+        proc = MptunProcess(
+            ["server", "--config", str(cfg), *args], tmp_path / f"s{i}.log", env=env
+        )
+        try:
+            wait_listening("127.0.0.1", port, proc=proc.proc)
+        finally:
+            assert proc.stop() == 0, proc.log()
+
+
+def test_key_from_environment_and_never_logged(tmp_path: Path, key_file: Path):
+    key = key_file.read_text().strip()
+    port = free_port()
+    proc = MptunProcess(
+        ["server", "--listen", f"127.0.0.1:{port}"], tmp_path / "s.log", env={"MPTUN_KEY": key}
+    )
+    try:
+        wait_listening("127.0.0.1", port, proc=proc.proc)
+    finally:
+        proc.stop()
+    assert key not in proc.log()
+    assert "listening on" in proc.log()
+
+
+def test_sigterm_exits_zero(tmp_path: Path, key_file: Path):
+    port = free_port()
+    proc = MptunProcess(
+        ["server", "--listen", f"127.0.0.1:{port}", "--key-file", str(key_file)], tmp_path / "s.log"
+    )
+    wait_listening("127.0.0.1", port, proc=proc.proc)
+    assert proc.stop() == 0
+    assert "stopped" in proc.log()

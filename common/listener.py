@@ -36,6 +36,8 @@ class AcceptLoop:
         self._accepting = False
         self._closed = False
         self._refusal_log = BurstLog(logger)
+        self.pauses = 0  # times the limit stopped accepting (for the stats)
+        self.accept_errors = 0  # accept() failures for want of fds or memory
         self._resource_retry: asyncio.TimerHandle | None = None
 
     @property
@@ -59,6 +61,7 @@ class AcceptLoop:
         for _ in range(64):  # bounded: let other callbacks run under a flood
             if len(self.tasks) >= self.max_connections:
                 self._pause()
+                self.pauses += 1
                 self._refusal_log(
                     "connection limit (%d) reached: not accepting until one ends",
                     self.max_connections,
@@ -73,6 +76,7 @@ class AcceptLoop:
                     continue
                 if e.errno in _RESOURCE:
                     # Out of fds or memory: back off for a moment instead of spinning.
+                    self.accept_errors += 1
                     self._refusal_log("accept failed: %s; retrying in 1 s", e.strerror)
                     self._pause()
                     self._resource_retry = self.loop.call_later(1.0, self._retry)

@@ -24,10 +24,12 @@ def run(
     stop: Callable[[float], Awaitable[int]],
     drain_timeout: float = 10.0,
     reload: Callable[[], None] | None = None,
+    dump: Callable[[], None] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT, then stop accepting and drain for up to `drain_timeout` s.
 
-    `start` binds listeners and may raise (a ConfigError reaches the caller). Returns 0.
+    `start` binds listeners and may raise (a ConfigError reaches the caller). SIGHUP calls
+    `reload`; SIGUSR1 calls `dump` (counters), which also runs once after the drain. Returns 0.
     """
 
     async def main() -> int:
@@ -38,6 +40,8 @@ def run(
             loop.add_signal_handler(sig, stopping.set)
         if reload is not None:
             loop.add_signal_handler(signal.SIGHUP, reload)
+        if dump is not None:
+            loop.add_signal_handler(signal.SIGUSR1, dump)
         await stopping.wait()
         log.info("stopping: no new connections, draining for up to %.0f s", drain_timeout)
         left = await stop(drain_timeout)
@@ -45,6 +49,8 @@ def run(
             log.info("stopped; %d connections were still open and have been reset", left)
         else:
             log.info("stopped")
+        if dump is not None:
+            dump()
         return 0
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:

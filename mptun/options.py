@@ -171,3 +171,27 @@ def resolve_key(ctx: click.Context, key_file: str | None) -> bytes:
     raise ConfigError(
         "no key: give --key-file PATH (or set MPTUN_KEY); create one with `mptun genkey`"
     )
+
+
+class ReloadableCommand(click.Command):
+    """A command that remembers its own arguments, so SIGHUP can parse them again.
+
+    `reparse(ctx)` re-reads the config file, the environment and the key file exactly as at start.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["mptun.args"] = list(args)
+        return super().parse_args(ctx, args)
+
+    def reparse(self, ctx: click.Context) -> click.Context:
+        """A fresh context for the same arguments (raises click errors for a broken config)."""
+        return self.make_context(ctx.info_name, list(ctx.meta["mptun.args"]), parent=ctx.parent)
+
+
+def stats_option(f: Callable) -> Callable:
+    return click.option(
+        "--stats-file",
+        type=click.Path(dir_okay=False),
+        envvar=env("stats-file"),
+        help="Write the counters here as JSON on SIGUSR1 and at exit (they are logged too).",
+    )(f)

@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import click
 
 from mptun.common import runtime
 from mptun.common.crypto import cipher_by_name
+from mptun.common.errors import MptunError
 from mptun.common.relay import choose_engine
-from mptun.common.replay import DEFAULT_WINDOW
+from mptun.common.replay import DEFAULT_CAPACITY, DEFAULT_WINDOW
+from mptun.common.stats import StatsDump
 from mptun.options import (
     HostPort,
+    ReloadableCommand,
     cipher_option,
     config_option,
     env,
     key_options,
     relay_option,
     resolve_key,
+    stats_option,
     timeout_option,
     transport_option,
 )
 from mptun.server.policy import TargetPolicy, parse_cidrs
 from mptun.server.service import Server, ServerConfig
 
+log = logging.getLogger("mptun.server")
 
-@click.command()
+
+@click.command(cls=ReloadableCommand)
 @config_option
 @click.option(
     "--listen",
@@ -75,35 +84,56 @@ from mptun.server.service import Server, ServerConfig
     envvar=env("replay-window"),
     help="Seconds a client's clock may differ from the server's.",
 )
+@click.option(
+    "--replay-capacity",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CAPACITY,
+    show_default=True,
+    envvar=env("replay-capacity"),
+    help="Salts the replay cache holds (~250 bytes each); when full, new tunnels are refused.",
+)
+@click.option(
+    "--replay-file",
+    type=click.Path(dir_okay=False),
+    envvar=env("replay-file"),
+    help="Save the replay cache here on stop and restore it on start (survives restarts).",
+)
+@stats_option
+@timeout_option("drain-timeout", 10.0, "On SIGTERM, seconds open connections may take to end.")
 @click.pass_context
-def server(
-    ctx: click.Context,
-    listen,
-    key_file,
-    cipher,
-    allow_target,
-    allow_private,
-    transport,
-    relay,
-    handshake_timeout,
-    connect_timeout,
-    idle_timeout,
-    max_connections,
-    replay_window,
-) -> None:
-    """Run the tunnel server (the VPS end)."""
-    config = ServerConfig(
-        listen=listen,
-        psk=resolve_key(ctx, key_file),
-        cipher=cipher_by_name(cipher),
-        engine=choose_engine(relay),
-        policy=TargetPolicy(allow=parse_cidrs(allow_target), allow_private=allow_private),
-        mptcp=transport == "mptcp",
-        handshake_timeout=handshake_timeout,
-        connect_timeout=connect_timeout,
-        idle_timeout=idle_timeout or None,
-        replay_window=replay_window,
-        max_connections=max_connections,
+def server(ctx: click.Context, **_: object) -> None:
+    """Run the tunnel server (the VPS end). SIGHUP reloads config and key; SIGUSR1 dumps stats."""
+    srv = Server(build_config(ctx))
+
+    def reload() -> None:
+        try:
+            with ctx.command.reparse(ctx) as new:  # type: ignore[attr-defined]
+                config = build_config(new)
+        except (MptunError, click.ClickException) as e:
+            msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
+            log.error("reload failed, keeping the running configuration: %s", msg)
+            return
+        srv.reload(config)
+
+    dump = StatsDump(ctx.params["stats_file"], srv.snapshot)
+    runtime.run(srv.start, srv.stop, ctx.params["drain_timeout"], reload=reload, dump=dump)
+
+
+def build_config(ctx: click.Context) -> ServerConfig:
+    """The server's configuration from a parsed context (at start and on SIGHUP)."""
+    p = ctx.params
+    return ServerConfig(
+        listen=p["listen"],
+        psk=resolve_key(ctx, p["key_file"]),
+        cipher=cipher_by_name(p["cipher"]),
+        engine=choose_engine(p["relay"]),
+        policy=TargetPolicy(allow=parse_cidrs(p["allow_target"]), allow_private=p["allow_private"]),
+        mptcp=p["transport"] == "mptcp",
+        handshake_timeout=p["handshake_timeout"],
+        connect_timeout=p["connect_timeout"],
+        idle_timeout=p["idle_timeout"] or None,
+        replay_window=p["replay_window"],
+        replay_capacity=p["replay_capacity"],
+        replay_file=Path(p["replay_file"]) if p["replay_file"] else None,
+        max_connections=p["max_connections"],
     )
-    srv = Server(config)
-    runtime.run(srv.start, srv.stop)

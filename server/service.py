@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mptun.common.address import Address, format_sockaddr
 from mptun.common.crypto import CipherSpec
@@ -23,7 +25,13 @@ from mptun.common.handshake import (
 from mptun.common.listener import AcceptLoop
 from mptun.common.logutil import BurstLog, human_bytes
 from mptun.common.relay import Engine
-from mptun.common.replay import DEFAULT_CAPACITY, DEFAULT_WINDOW, ReplayGuard
+from mptun.common.replay import (
+    DEFAULT_CAPACITY,
+    DEFAULT_WINDOW,
+    ReplayGuard,
+    load_file,
+    save_file,
+)
 from mptun.common.sockets import (
     Transport,
     connect,
@@ -64,13 +72,40 @@ class ServerConfig:
     max_connections: int = 4096
     accept_plain: bool = True
     user_timeout: float = 60.0
+    replay_file: Path | None = None  # the salt cache is saved here on stop, loaded on start
+
+
+# What a reload may change while connections stay open; the rest needs a restart.
+_RELOADABLE = (
+    "psk",
+    "cipher",
+    "engine",
+    "policy",
+    "handshake_timeout",
+    "connect_timeout",
+    "idle_timeout",
+    "replay_window",
+    "accept_plain",
+    "user_timeout",
+)
+
+
+def _differs(name: str, a: ServerConfig, b: ServerConfig) -> bool:
+    if name == "engine":  # a new instance of the same engine is no change
+        return a.engine.name != b.engine.name
+    return getattr(a, name) != getattr(b, name)
 
 
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.transport = Transport(want_mptcp=config.mptcp)
-        self.replay = ReplayGuard(config.replay_window, config.replay_capacity)
+        # Flights stamped before this process started are refused: a cache lost in a crash
+        # cannot be replayed into (docs/PROBING.md, "Replay").
+        self.started = time.time()
+        self.replay = ReplayGuard(
+            config.replay_window, config.replay_capacity, not_before=math.floor(self.started)
+        )
         self.counters: Counter[str] = Counter()
         self._ids = 0
         self._accept: AcceptLoop | None = None
@@ -81,6 +116,13 @@ class Server:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> Address:
         """Bind and listen; raise ConfigError with a one-line reason if that fails."""
+        if self.config.replay_file is not None:
+            try:
+                n = load_file(self.replay, self.config.replay_file, time.time())
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"replay file {self.config.replay_file}: {e}") from None
+            if n is not None:
+                log.info("replay cache: %d salts restored from %s", n, self.config.replay_file)
         try:
             sock, self.mptcp = listen_socket(self.config.listen, self.transport)
         except OSError as e:
@@ -106,12 +148,54 @@ class Server:
     def active(self) -> int:
         return self._accept.active if self._accept else 0
 
+    def snapshot(self) -> dict:
+        """Counters and gauges for `--stats-file` / SIGUSR1 (docs/CLI.md lists the names)."""
+        return {
+            "role": "server",
+            "counters": dict(sorted(self.counters.items())),
+            "active": self.active,
+            "limit_pauses": self._accept.pauses if self._accept else 0,
+            "accept_errors": self._accept.accept_errors if self._accept else 0,
+            "replay": {
+                "size": len(self.replay),
+                "capacity": self.replay.capacity,
+                "window": self.replay.window,
+            },
+        }
+
+    def reload(self, config: ServerConfig) -> None:
+        """Apply a new configuration to new connections; open ones and the salt cache stay."""
+        changed = [name for name in _RELOADABLE if _differs(name, config, self.config)]
+        kept = [
+            name
+            for name in ("listen", "mptcp", "max_connections", "replay_capacity", "replay_file")
+            if getattr(config, name) != getattr(self.config, name)
+        ]
+        for name in changed:
+            setattr(self.config, name, getattr(config, name))
+        if config.replay_window != self.replay.window:
+            self.replay.set_window(config.replay_window)
+        self.counters["reload"] += 1
+        log.info(
+            "reloaded: %s changed%s",
+            ", ".join("key" if n == "psk" else n for n in changed) or "nothing",
+            f"; {', '.join(kept)} need a restart (kept as they were)" if kept else "",
+        )
+
     async def stop(self, drain_timeout: float) -> int:
         """Stop accepting, let open connections finish for up to `drain_timeout` s."""
         if self._accept is None:
             return 0
         self._accept.close()
-        return await self._accept.drain(drain_timeout)
+        left = await self._accept.drain(drain_timeout)
+        if self.config.replay_file is not None:
+            try:
+                n = save_file(self.replay, self.config.replay_file, time.time())
+            except OSError as e:
+                log.warning("replay file %s: %s", self.config.replay_file, e.strerror)
+            else:
+                log.info("replay cache: %d salts saved to %s", n, self.config.replay_file)
+        return left
 
     # -- one connection -----------------------------------------------------------------------
     async def _handle(self, sock: socket.socket, peer_addr: tuple) -> None:
@@ -131,7 +215,7 @@ class Server:
         except TimeoutError:
             self._count(Status.TIMEOUT)
             self._fail_log("%s from %s: handshake timed out", cid, peer)
-            sock.close()
+            await self._absorb(loop, sock, deadline)  # past the deadline: drain, FIN
             return
         except OSError as e:
             log.debug("%s from %s: %s before the handshake completed", cid, peer, e)

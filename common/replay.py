@@ -62,7 +62,9 @@ class ReplayGuard:
 
     def _expire(self, now: float) -> None:
         order, expiry = self._order, self._expiry
-        while order and order[0][0] <= now:
+        # Strictly before `now`: at now == expiry the timestamp can still pass the window check
+        # (|now - ts| == window), so the salt must still be there.
+        while order and order[0][0] < now:
             _, salt = order.popleft()
             expiry.pop(salt, None)
 

@@ -122,6 +122,9 @@ class Server:
             except (OSError, ValueError) as e:
                 raise ConfigError(f"replay file {self.config.replay_file}: {e}") from None
             if n is not None:
+                # The file is written only by a clean stop (and consumed here): it holds every
+                # salt still live, so flights from before the start need not be refused.
+                self.replay.not_before = None
                 log.info("replay cache: %d salts restored from %s", n, self.config.replay_file)
         try:
             sock, self.mptcp = listen_socket(self.config.listen, self.transport)

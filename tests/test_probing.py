@@ -112,8 +112,8 @@ def test_failed_first_flights_all_look_the_same(server: ServerProcess) -> None:
     bad = {k: r for k, r in results.items() if r.received or r.end != "eof"}
     assert not bad, f"bytes back or not a clean close: {bad}"
     # The server accepts after connect() was called: a close at accept + DEADLINE is never seen
-    # earlier than DEADLINE after that call.
-    early = {k: r.seconds for k, r in results.items() if r.seconds < DEADLINE}
+    # earlier than DEADLINE after that call, give or take uvloop's 1 ms timer resolution.
+    early = {k: r.seconds for k, r in results.items() if r.seconds < DEADLINE - 0.005}
     assert not early, f"closed before the deadline from accept: {early}"
     # A wide upper bound: 2 shared cores and ~700 connections at once.
     late = {k: r.seconds for k, r in results.items() if r.seconds > DEADLINE + 3}

@@ -10,8 +10,8 @@ server started, which makes a replay cache lost by a restart harmless for client
 not ahead; `save_file`/`load_file` carry the cache across a clean restart for the rest
 (docs/PROBING.md, "Replay", weighs the two).
 
-Memory: one entry costs about 250 bytes (a 32-byte salt object, a dict slot and a deque tuple;
-measured by tests/test_replay_defence.py), so the default capacity of 200,000 is ~50 MB and covers
+Memory: one entry costs about 200 bytes (a 32-byte salt object, a dict slot and a deque tuple;
+measured by tests/test_replay_defence.py), so the default capacity of 200,000 is ~40 MB and covers
 a sustained 1,600 new tunnels per second at the default window.
 """
 

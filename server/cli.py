@@ -90,7 +90,7 @@ log = logging.getLogger("mptun.server")
     default=DEFAULT_CAPACITY,
     show_default=True,
     envvar=env("replay-capacity"),
-    help="Salts the replay cache holds (~250 bytes each); when full, new tunnels are refused.",
+    help="Salts the replay cache holds (~200 bytes each); when full, new tunnels are refused.",
 )
 @click.option(
     "--replay-file",

@@ -244,5 +244,5 @@ def test_replay_guard_refuses_when_full_and_expires_after_twice_the_window():
     with pytest.raises(ProtocolError) as e:
         g.accept(b"a", NOW + 10, NOW + 19)
     assert e.value.status is Status.REPLAY
-    g.accept(b"c", NOW + 20, NOW + 20)  # a and b expired
+    g.accept(b"c", NOW + 21, NOW + 21)  # a and b expired (kept up to and including NOW + 20)
     assert len(g) == 1

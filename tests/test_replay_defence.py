@@ -41,7 +41,7 @@ def test_burst_fills_the_cache_then_refuses_instead_of_forgetting() -> None:
 
 
 def test_memory_per_salt_is_bounded() -> None:
-    """The documented ~250 bytes per entry (common/replay.py), measured with the salt objects."""
+    """The documented ~200 bytes per entry (common/replay.py), measured with the salt objects."""
     n = 20_000
     g = ReplayGuard(W, capacity=n)
     tracemalloc.start()

@@ -93,8 +93,10 @@ class AcceptLoop:
 
     def _task_done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.logger.error("connection handler failed", exc_info=task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # A bug, not bad input: one line, the traceback only when debugging.
+            self.logger.error("internal error in a connection handler: %r", exc)
+            self.logger.debug("traceback", exc_info=exc)
         if len(self.tasks) < self.max_connections and self._resource_retry is None:
             self._resume()
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import click
 
+from mptun.client.check import run_check
 from mptun.client.service import Client, ListenerSpec
 from mptun.client.socks import ReplyPolicy, SocksListener
 from mptun.client.tunnel import Dialer, TunnelConfig
@@ -11,6 +14,7 @@ from mptun.common import runtime
 from mptun.common.crypto import cipher_by_name
 from mptun.common.errors import ConfigError
 from mptun.common.relay import choose_engine
+from mptun.common.stats import StatsDump
 from mptun.options import (
     HostPort,
     cipher_option,
@@ -19,6 +23,7 @@ from mptun.options import (
     key_options,
     relay_option,
     resolve_key,
+    stats_option,
     timeout_option,
     transport_option,
 )
@@ -82,6 +87,22 @@ from mptun.options import (
     envvar=env("max-connections"),
     help="Concurrent connections per listener; at the limit it stops accepting.",
 )
+@click.option(
+    "--socks-per-client",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    envvar=env("socks-per-client"),
+    help="Concurrent SOCKS connections one LAN address may hold; more are reset (and counted).",
+)
+@stats_option
+@click.option(
+    "--check",
+    is_flag=True,
+    default=False,
+    help="Do one handshake with the server and exit: 0 ok, 3 unreachable, 4 no answer "
+    "(key, cipher or clock wrong), 5 not an mptun server with this key.",
+)
 @click.pass_context
 def client(
     ctx: click.Context,
@@ -98,6 +119,9 @@ def client(
     handshake_timeout,
     idle_timeout,
     max_connections,
+    socks_per_client,
+    stats_file,
+    check,
 ) -> None:
     """Run the tunnel client (the router end)."""
     if (socks_user is None) != (socks_password is None):
@@ -115,9 +139,36 @@ def client(
             idle_timeout=idle_timeout or None,
         )
     )
+    if check:
+        result = asyncio.run(run_check(dialer, handshake_timeout))
+        click.echo(f"mptun: check: {result.message}", err=result.result != 0)
+        ctx.exit(int(result.result))
     listeners = []
     if socks is not None:
-        handler = SocksListener(dialer, ReplyPolicy(reply), credentials)
+        check_socks_bind(socks, credentials is not None)
+        handler = SocksListener(
+            dialer, ReplyPolicy(reply), credentials, per_client=socks_per_client
+        )
         listeners.append(ListenerSpec(socks, handler))
     app = Client(dialer, listeners, max_connections)
-    runtime.run(app.start, app.stop)
+    runtime.run(app.start, app.stop, dump=StatsDump(stats_file, app.snapshot))
+
+
+def check_socks_bind(bind, has_auth: bool) -> None:
+    """Refuse a SOCKS listener reachable from the internet without auth (an open proxy).
+
+    Loopback, private and link-local addresses are the LAN; the wildcard and public addresses
+    need --socks-user/--socks-password.
+    """
+    ip = bind.host
+    if (
+        has_auth
+        or ip.is_loopback
+        or ((ip.is_private or ip.is_link_local) and not ip.is_unspecified)
+    ):
+        return
+    raise ConfigError(
+        f"--socks {bind}: without --socks-user/--socks-password the SOCKS listener binds only "
+        "to loopback or a LAN address (e.g. 127.0.0.1:1080 or the router's LAN IP); "
+        f"{'all addresses' if ip.is_unspecified else 'a public address'} would make an open proxy"
+    )

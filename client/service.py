@@ -73,6 +73,16 @@ class Client:
             a.close()
         self.loops.clear()
 
+    def snapshot(self) -> dict:
+        """Counters and gauges for `--stats-file` / SIGUSR1 (docs/CLI.md lists the names)."""
+        return {
+            "role": "client",
+            "counters": dict(sorted(self.dialer.counters.items())),
+            "active": sum(a.active for a in self.loops),
+            "limit_pauses": sum(a.pauses for a in self.loops),
+            "accept_errors": sum(a.accept_errors for a in self.loops),
+        }
+
     async def stop(self, drain_timeout: float) -> int:
         for a in self.loops:
             a.close()

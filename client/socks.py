@@ -6,12 +6,14 @@ import asyncio
 import enum
 import logging
 import socket
+from collections import Counter
 
 from mptun.client.tunnel import Dialer
 from mptun.common import socks5
 from mptun.common.address import format_sockaddr
 from mptun.common.handshake import ConnectStatus
 from mptun.common.logutil import BurstLog
+from mptun.common.sockets import reset
 
 log = logging.getLogger("mptun.client.socks")
 
@@ -43,12 +45,36 @@ class SocksListener:
         policy: ReplyPolicy = ReplyPolicy.OPTIMISTIC,
         credentials: tuple[str, str] | None = None,
         handshake_timeout: float = 10.0,
+        per_client: int = 256,
     ) -> None:
         self.dialer, self.policy, self.credentials = dialer, policy, credentials
         self.handshake_timeout = handshake_timeout
+        self.per_client = per_client
+        self._per_client: Counter[str] = Counter()
         self._bad_log = BurstLog(log, logging.INFO)
+        self._limit_log = BurstLog(log, logging.WARNING)
 
     async def handle(self, sock: socket.socket, peer: tuple) -> None:
+        """One SOCKS connection, within the per-address limit (one greedy host cannot starve)."""
+        host = str(peer[0])
+        if self._per_client[host] >= self.per_client:
+            self.dialer.counters["socks-per-client"] += 1
+            self._limit_log(
+                "socks %s: %d connections open from this address (--socks-per-client): resetting",
+                host,
+                self.per_client,
+            )
+            reset(sock)
+            return
+        self._per_client[host] += 1
+        try:
+            await self._handle(sock, peer)
+        finally:
+            self._per_client[host] -= 1
+            if not self._per_client[host]:
+                del self._per_client[host]
+
+    async def _handle(self, sock: socket.socket, peer: tuple) -> None:
         loop = asyncio.get_running_loop()
         cid = self.dialer.next_id()
         source = f"socks {format_sockaddr(peer)}"

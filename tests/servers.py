@@ -51,17 +51,8 @@ class ServerProcess:
         return load_key_file(self.key_file)
 
     def stats(self, timeout: float = 10.0) -> dict:
-        """Send SIGUSR1 and wait for the dump it causes (its `seq` is larger than the last)."""
-        before = read_stats(self.stats_path)
-        seq = before["seq"] if before else 0
-        os.kill(self.proc.pid, signal.SIGUSR1)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            now = read_stats(self.stats_path)
-            if now and now["seq"] > seq:
-                return now
-            time.sleep(0.02)
-        raise TimeoutError(f"no stats dump after SIGUSR1:\n{self.proc.log()[-3000:]}")
+        """Send SIGUSR1 and wait for the dump it causes."""
+        return read_stats_after_usr1(self.proc.pid, self.stats_path, timeout, self.proc)
 
     def counters(self) -> dict[str, int]:
         return self.stats()["counters"]
@@ -77,6 +68,22 @@ class ServerProcess:
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         return self.proc.stop(sig)
+
+
+def read_stats_after_usr1(
+    pid: int, path: Path, timeout: float = 10.0, proc: MptunProcess | None = None
+) -> dict:
+    """Send SIGUSR1 to `pid` and wait for the dump it causes (its `seq` is larger than the last)."""
+    before = read_stats(path)
+    seq = before["seq"] if before else 0
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = read_stats(path)
+        if now and now["seq"] > seq:
+            return now
+        time.sleep(0.02)
+    raise TimeoutError(f"no stats dump after SIGUSR1:\n{proc.log()[-3000:] if proc else ''}")
 
 
 def delta(after: dict[str, int], before: dict[str, int], keys=HANDSHAKE_STATUSES) -> dict:

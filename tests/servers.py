@@ -118,6 +118,19 @@ def exchange(port: int, data: bytes, hs: ClientHandshake, timeout: float = 10.0)
             hs.receive_data(chunk)
 
 
+def connect_status(port: int, psk: bytes, target: Address, timeout: float = 15.0):
+    """One tunnel request to `target`: the server's ConnectStatus."""
+    hs = flight(psk, target)
+    data = hs.first_flight()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        while not isinstance(event := hs.next_event(), Response):
+            chunk = s.recv(hs.bytes_needed())
+            assert chunk, "server closed before its response"
+            hs.receive_data(chunk)
+    return event.status
+
+
 @contextmanager
 def closing_target() -> Iterator[int]:
     """A loopback TCP target that accepts and closes at once; yields its port."""

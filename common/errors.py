@@ -24,6 +24,9 @@ class Status(enum.Enum):
     DNS = "dns"  # target name did not resolve
     CONNECT = "connect"  # target refused / unreachable / timed out
     RELAY = "relay"  # a leg failed while relaying
+    RECORD = "record"  # a bulk record did not authenticate or was malformed, reordered, replayed
+    TRUNCATED = "truncated"  # the tunnel ended without the closing record (close_notify)
+    RECORD_LIMIT = "record-limit"  # a key sealed as many records as its AEAD allows
     SOCKS = "socks"  # SOCKS5 client sent garbage or an unsupported request
     CONFIG = "config"  # bad option, key or config file
 

@@ -13,10 +13,12 @@ from mptun.client.tunnel import Dialer, TunnelConfig
 from mptun.common import runtime
 from mptun.common.crypto import cipher_by_name
 from mptun.common.errors import ConfigError
-from mptun.common.relay import choose_engine
+from mptun.common.handshake import WireMode
+from mptun.common.relay import choose_bulk, choose_engine
 from mptun.common.stats import StatsDump
 from mptun.options import (
     HostPort,
+    bulk_option,
     cipher_option,
     config_option,
     env,
@@ -67,6 +69,7 @@ from mptun.options import (
 @cipher_option
 @transport_option
 @relay_option
+@bulk_option
 @timeout_option("connect-timeout", 10.0, "Seconds to connect to the server.")
 @timeout_option(
     "handshake-timeout", 15.0, "Seconds for the server's answer (includes its connect)."
@@ -115,6 +118,7 @@ def client(
     cipher,
     transport,
     relay,
+    bulk,
     connect_timeout,
     handshake_timeout,
     idle_timeout,
@@ -132,8 +136,9 @@ def client(
             server=server,
             psk=resolve_key(ctx, key_file),
             cipher=cipher_by_name(cipher),
-            engine=choose_engine(relay),
+            engine=choose_bulk(bulk, choose_engine(relay), mptcp=transport == "mptcp"),
             mptcp=transport == "mptcp",
+            mode=WireMode.PLAIN if bulk == "plain" else WireMode.ENCRYPTED,
             connect_timeout=connect_timeout,
             handshake_timeout=handshake_timeout,
             idle_timeout=idle_timeout or None,

@@ -27,7 +27,8 @@ from mptun.common.handshake import (
     WireMode,
 )
 from mptun.common.logutil import BurstLog, human_bytes
-from mptun.common.relay import Engine
+from mptun.common.records import MAX_PLAINTEXT
+from mptun.common.relay import PLAIN, Engine, Session, Side
 from mptun.common.sockets import (
     Transport,
     connect,
@@ -54,7 +55,7 @@ class TunnelConfig:
     cipher: CipherSpec
     engine: Engine
     mptcp: bool = True
-    mode: WireMode = WireMode.PLAIN
+    mode: WireMode = WireMode.ENCRYPTED
     connect_timeout: float = 10.0
     handshake_timeout: float = 15.0  # covers the server's own connect to the target
     early_data_wait: float = 0.05  # how long to wait for the application's first bytes
@@ -165,8 +166,9 @@ class Dialer:
         try:
             await loop.sock_sendall(tunnel, hs.first_flight(early_data[:MAX_EARLY_DATA]))
             rest = early_data[MAX_EARLY_DATA:]
-            if rest:
-                await loop.sock_sendall(tunnel, rest)  # plain mode only: bytes flow as they are
+            if rest and self.config.mode == WireMode.PLAIN:
+                await loop.sock_sendall(tunnel, rest)  # plain mode: bytes flow as they are
+                rest = b""
             response = await self._read_response(loop, tunnel, hs)
         except (ProtocolError, TunnelError, OSError, TimeoutError) as e:
             status = getattr(
@@ -192,6 +194,13 @@ class Dialer:
             reset(tunnel)
             reset(inner)
             raise
+        if response.status == ConnectStatus.MODE_REFUSED:
+            self._down_log(
+                "%s -> %s: the server refuses plain bulk data (this client runs --bulk plain; "
+                "start the server with --bulk plain too, or use the default encrypted mode)",
+                cid,
+                target,
+            )
         if response.status != ConnectStatus.SUCCEEDED:
             self.counters["refused"] += 1
             log.info(
@@ -217,19 +226,52 @@ class Dialer:
             target,
             (time.monotonic() - started) * 1000,
         )
+        session: Session | None = PLAIN
+        if self.config.mode == WireMode.ENCRYPTED:
+            session = await self._encrypted_session(loop, tunnel, hs, rest)
+        if session is None:
+            reset(tunnel)
+            reset(inner)
+            return
         stats = await self.config.engine.relay(
-            loop, inner, tunnel, idle_timeout=self.config.idle_timeout
+            loop, inner, tunnel, idle_timeout=self.config.idle_timeout, session=session
         )
         self.counters["relayed"] += 1
+        if not stats.clean and stats.status is not None:
+            self.counters[stats.status.value] += 1
         log.info(
-            "%s %s closed after %.1f s: up %s, down %s, %s",
+            "%s %s closed after %.1f s: up %s, down %s, %s, %s",
             cid,
             target,
             stats.seconds,
             human_bytes(stats.to_tunnel + len(early_data)),
             human_bytes(stats.from_tunnel),
+            stats.engine,
             "clean" if stats.clean else f"reset ({stats.error})",
         )
+
+    async def _encrypted_session(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        tunnel: socket.socket,
+        hs: ClientHandshake,
+        rest: bytes,
+    ) -> Session | None:
+        """The session of an encrypted tunnel; early data beyond the first flight goes first,
+        sealed here (so a kTLS engine starts at the next sequence number)."""
+        cipher, keys = self.config.cipher, hs.bulk_keys()
+        session = Session(WireMode.ENCRYPTED, Side.CLIENT, cipher, keys)
+        if not rest:
+            return session
+        sealer = session.sealer()
+        wire = b"".join(
+            sealer.seal(rest[i : i + MAX_PLAINTEXT]) for i in range(0, len(rest), MAX_PLAINTEXT)
+        )
+        try:
+            await loop.sock_sendall(tunnel, wire)
+        except OSError:
+            return None
+        return Session(WireMode.ENCRYPTED, Side.CLIENT, cipher, keys, tx_seq=sealer.seq)
 
     async def _read_response(
         self, loop: asyncio.AbstractEventLoop, tunnel: socket.socket, hs: ClientHandshake

@@ -147,6 +147,19 @@ def relay_option(f: Callable) -> Callable:
     )(f)
 
 
+def bulk_option(f: Callable) -> Callable:
+    return click.option(
+        "--bulk",
+        type=click.Choice(["auto", "aead", "ktls", "plain"]),
+        default="auto",
+        show_default=True,
+        envvar=env("bulk"),
+        help="Bulk data after the handshake. auto: encrypted (TLS 1.3 records), sealed by kTLS "
+        "where the tunnel socket takes it, else in user space (aead); aead/ktls force one; "
+        "plain: unencrypted (a client asks for it; a server then also accepts it).",
+    )(f)
+
+
 def timeout_option(name: str, default: float, what: str) -> Callable[[Callable], Callable]:
     return click.option(
         f"--{name}",

@@ -10,12 +10,13 @@ import click
 from mptun.common import runtime
 from mptun.common.crypto import cipher_by_name
 from mptun.common.errors import MptunError
-from mptun.common.relay import choose_engine
+from mptun.common.relay import choose_bulk, choose_engine
 from mptun.common.replay import DEFAULT_CAPACITY, DEFAULT_WINDOW
 from mptun.common.stats import StatsDump
 from mptun.options import (
     HostPort,
     ReloadableCommand,
+    bulk_option,
     cipher_option,
     config_option,
     env,
@@ -58,6 +59,7 @@ log = logging.getLogger("mptun.server")
 )
 @transport_option
 @relay_option
+@bulk_option
 @timeout_option("handshake-timeout", 10.0, "Seconds from accept to a complete first flight.")
 @timeout_option("connect-timeout", 10.0, "Seconds to resolve and connect to a target.")
 @click.option(
@@ -126,7 +128,8 @@ def build_config(ctx: click.Context) -> ServerConfig:
         listen=p["listen"],
         psk=resolve_key(ctx, p["key_file"]),
         cipher=cipher_by_name(p["cipher"]),
-        engine=choose_engine(p["relay"]),
+        engine=choose_bulk(p["bulk"], choose_engine(p["relay"]), mptcp=p["transport"] == "mptcp"),
+        accept_plain=p["bulk"] == "plain",
         policy=TargetPolicy(allow=parse_cidrs(p["allow_target"]), allow_private=p["allow_private"]),
         mptcp=p["transport"] == "mptcp",
         handshake_timeout=p["handshake_timeout"],

@@ -24,7 +24,7 @@ from mptun.common.handshake import (
 )
 from mptun.common.listener import AcceptLoop
 from mptun.common.logutil import BurstLog, human_bytes
-from mptun.common.relay import Engine
+from mptun.common.relay import PLAIN, Engine, Session, Side
 from mptun.common.replay import (
     DEFAULT_CAPACITY,
     DEFAULT_WINDOW,
@@ -70,7 +70,7 @@ class ServerConfig:
     replay_window: float = DEFAULT_WINDOW
     replay_capacity: int = DEFAULT_CAPACITY
     max_connections: int = 4096
-    accept_plain: bool = True
+    accept_plain: bool = False  # plain tunnels only with --bulk plain; encrypted always
     user_timeout: float = 60.0
     replay_file: Path | None = None  # the salt cache is saved here on stop, loaded on start
 
@@ -286,10 +286,9 @@ class Server:
         mptcp = is_mptcp(tunnel)
         via = {True: "mptcp", False: "tcp-fallback", None: "tcp"}[mptcp]
         started = time.monotonic()
-        if request.mode == WireMode.ENCRYPTED or (
-            request.mode == WireMode.PLAIN and not self.config.accept_plain
-        ):
-            status, target, detail = ConnectStatus.MODE_REFUSED, None, "wire mode refused"
+        if request.mode == WireMode.PLAIN and not self.config.accept_plain:
+            # Encrypted is always accepted; plain only from a server started with --bulk plain.
+            status, target, detail = ConnectStatus.MODE_REFUSED, None, "plain mode refused"
         else:
             status, target, detail = await self._dial(loop, request.target)
         try:
@@ -337,19 +336,23 @@ class Server:
             target.close()
             tunnel.close()
             return
+        session = PLAIN
+        if request.mode == WireMode.ENCRYPTED:
+            session = Session(WireMode.ENCRYPTED, Side.SERVER, self.config.cipher, hs.bulk_keys())
         stats = await self.config.engine.relay(
-            loop, target, tunnel, idle_timeout=self.config.idle_timeout
+            loop, target, tunnel, idle_timeout=self.config.idle_timeout, session=session
         )
         self.counters["relayed"] += 1
         if not stats.clean:
-            self._count(Status.RELAY)
+            self._count(stats.status or Status.RELAY)
         log.info(
-            "%s %s closed after %.1f s: to client %s, to target %s, %s",
+            "%s %s closed after %.1f s: to client %s, to target %s, %s, %s",
             cid,
             request.target,
             stats.seconds,
             human_bytes(stats.to_tunnel),
             human_bytes(stats.from_tunnel + len(request.early_data)),
+            stats.engine,
             "clean" if stats.clean else f"reset ({stats.error})",
         )
 

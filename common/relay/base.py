@@ -12,6 +12,7 @@ No coroutine runs per chunk: after setup the relay is a pair of callbacks per so
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
 import os
 import socket
@@ -19,7 +20,67 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from mptun.common.crypto import CipherSpec
+from mptun.common.errors import MptunError, Status, UsageError
+from mptun.common.handshake import BulkKeys, WireMode
+from mptun.common.records import Opener, Sealer
 from mptun.common.sockets import reset
+
+
+class Side(enum.Enum):
+    """Which end of the tunnel this process is: it picks the key of each direction."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """What an engine needs to know about one tunnel beyond its two sockets."""
+
+    mode: WireMode = WireMode.PLAIN
+    side: Side = Side.CLIENT
+    cipher: CipherSpec | None = None
+    keys: BulkKeys | None = None
+    tx_seq: int = 0  # records this side sealed on the tunnel before the relay started
+
+    def _require_keys(self) -> tuple[CipherSpec, BulkKeys]:
+        if self.mode is not WireMode.ENCRYPTED or self.cipher is None or self.keys is None:
+            raise UsageError("an encrypted session needs a cipher and bulk keys")
+        return self.cipher, self.keys
+
+    def tx_key_iv(self) -> tuple[bytes, bytes]:
+        """Key and IV of the records this side sends."""
+        _, k = self._require_keys()
+        if self.side is Side.CLIENT:
+            return k.c2s_key, k.c2s_iv
+        return k.s2c_key, k.s2c_iv
+
+    def rx_key_iv(self) -> tuple[bytes, bytes]:
+        """Key and IV of the records this side receives."""
+        _, k = self._require_keys()
+        if self.side is Side.CLIENT:
+            return k.s2c_key, k.s2c_iv
+        return k.c2s_key, k.c2s_iv
+
+    def sealer(self, limit: int | None = None) -> Sealer:
+        cipher, _ = self._require_keys()
+        key, iv = self.tx_key_iv()
+        return Sealer(cipher, key, iv, self.tx_seq, limit)
+
+    def opener(self) -> Opener:
+        cipher, _ = self._require_keys()
+        key, iv = self.rx_key_iv()
+        return Opener(cipher, key, iv)
+
+
+PLAIN = Session()  # the session of a plain-mode tunnel (immutable)
+
+
+def require_plain(engine: str, session: Session) -> None:
+    """Plain engines move bytes as they are: refuse to relay an encrypted session."""
+    if session.mode is not WireMode.PLAIN:
+        raise UsageError(f"relay engine {engine} cannot carry encrypted bulk data")
 
 
 @dataclass(slots=True)
@@ -31,6 +92,7 @@ class RelayStats:
     from_tunnel: int = 0  # tunnel -> inner
     clean: bool = True  # both directions ended with EOF and were flushed
     error: str | None = None  # e.g. "tunnel: connection reset", "idle timeout"
+    status: Status | None = None  # for an error the peer's bytes caused (RECORD, TRUNCATED...)
     started: float = field(default_factory=time.monotonic)
     ended: float = 0.0
 
@@ -50,6 +112,7 @@ class Engine(Protocol):
         inner: socket.socket,
         tunnel: socket.socket,
         idle_timeout: float | None = None,
+        session: Session = PLAIN,
     ) -> RelayStats: ...
 
 
@@ -123,7 +186,7 @@ class Pump:
                 self._pause_reading()
                 self._flush()
             return
-        except OSError as e:
+        except (OSError, MptunError) as e:
             self.relay.abort(self.name, e)
             return
         self.relay.active = True
@@ -146,7 +209,7 @@ class Pump:
                 if self.space <= 0:
                     self._pause_reading()
                 return
-            except OSError as e:
+            except (OSError, MptunError) as e:
                 self.relay.abort(self.peer, e)
                 return
         if self._writing:
@@ -156,7 +219,12 @@ class Pump:
             if not self.done:
                 try:
                     self.finish()
-                except OSError as e:
+                except BlockingIOError:  # the closing message did not fit: retry when writable
+                    if not self._writing:
+                        self.loop.add_writer(self.dst_fd, self._on_writable)
+                        self._writing = True
+                    return
+                except (OSError, MptunError) as e:
                     self.relay.abort(self.peer, e)
                     return
                 self.done = True
@@ -218,13 +286,15 @@ class Relay:
         if all(p.done for p in self.pumps):
             self._close(clean=True)
 
-    def abort(self, leg: str, exc: OSError | None, reason: str | None = None) -> None:
+    def abort(self, leg: str, exc: Exception | None, reason: str | None = None) -> None:
         """End abnormally: reset both legs."""
         if self._closed:
             return
         if reason is None:
             assert exc is not None
             reason = f"{leg}: {_describe(exc)}"
+        if isinstance(exc, MptunError):
+            self.stats.status = exc.status
         self.stats.error = reason
         self._close(clean=False)
 
@@ -249,7 +319,9 @@ class Relay:
             self._done.set_result(None)
 
 
-def _describe(e: OSError) -> str:
-    if e.errno is not None:
+def _describe(e: Exception) -> str:
+    if isinstance(e, MptunError):
+        return f"{e} ({e.status.value})"
+    if isinstance(e, OSError) and e.errno is not None:
         return os.strerror(e.errno).lower() + f" ({errno.errorcode.get(e.errno, e.errno)})"
     return str(e)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from mptun.common.relay.base import Pump, Relay, RelayStats
+from mptun.common.relay.base import PLAIN, Pump, Relay, RelayStats, Session, require_plain
 
 DEFAULT_BUFFER = 256 * 1024
 
@@ -57,7 +57,9 @@ class CopyEngine:
         inner: socket.socket,
         tunnel: socket.socket,
         idle_timeout: float | None = None,
+        session: Session = PLAIN,
     ) -> RelayStats:
+        require_plain(self.name, session)
         r = Relay(loop, inner, tunnel, self.name, idle_timeout)
         r.add_pumps(
             CopyPump(r, inner, tunnel, "inner", self.buffer_size),

@@ -11,7 +11,7 @@ import fcntl
 import os
 import socket
 
-from mptun.common.relay.base import Pump, Relay, RelayStats
+from mptun.common.relay.base import PLAIN, Pump, Relay, RelayStats, Session, require_plain
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
@@ -73,7 +73,9 @@ class SpliceEngine:
         inner: socket.socket,
         tunnel: socket.socket,
         idle_timeout: float | None = None,
+        session: Session = PLAIN,
     ) -> RelayStats:
+        require_plain(self.name, session)
         r = Relay(loop, inner, tunnel, self.name, idle_timeout)
         try:
             out = SplicePump(r, inner, tunnel, "inner", self.pipe_size)

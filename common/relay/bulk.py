@@ -1,0 +1,121 @@
+"""Choosing how encrypted bulk data is sealed: `--bulk auto|aead|ktls|plain`.
+
+The wire mode (plain or encrypted) is agreed in the handshake; how a side seals the records is
+its own choice, per connection: `ktls` where this tunnel socket takes kTLS, else `aead`. The
+choice is made by asking the socket (never by kernel version), so a kernel that accepts kTLS on
+MPTCP sockets is used as soon as it exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from mptun.common import ktls
+from mptun.common.errors import ConfigError
+from mptun.common.handshake import WireMode
+from mptun.common.relay.aead import AeadEngine
+from mptun.common.relay.base import PLAIN, Engine, RelayStats, Session
+from mptun.common.relay.ktls import KtlsEngine
+from mptun.common.relay.splice import SpliceEngine
+
+log = logging.getLogger("mptun.relay")
+
+BULK_CHOICES = ("auto", "aead", "ktls", "plain")
+
+
+class AutoEngine:
+    """Per connection: kTLS if this tunnel socket takes it, else aead; says which once per why."""
+
+    name = "auto"
+
+    def __init__(self, aead: AeadEngine, ktls_engine: KtlsEngine | None) -> None:
+        self.aead = aead
+        self.ktls = ktls_engine  # None: this kernel has no kTLS at all (do not ask every time)
+        self._said: set[str] = set()
+
+    def _say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            log.info("%s", message)
+
+    async def relay(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        inner: socket.socket,
+        tunnel: socket.socket,
+        idle_timeout: float | None = None,
+        session: Session = PLAIN,
+    ) -> RelayStats:
+        if self.ktls is not None:
+            try:
+                self.ktls.install(tunnel, session)
+            except ktls.KtlsRefused as e:
+                if e.stage == "rx":  # TX is already in the kernel: aead cannot take over
+                    log.warning("kTLS took the send key but not the receive key: %s", e)
+                    return await self.ktls.relay(
+                        loop, inner, tunnel, idle_timeout, session, installed=True
+                    )
+                self._say_once(f"bulk auto: aead for this tunnel ({e})")
+            else:
+                self._say_once("bulk auto: ktls (this tunnel socket takes kTLS)")
+                return await self.ktls.relay(
+                    loop, inner, tunnel, idle_timeout, session, installed=True
+                )
+        return await self.aead.relay(loop, inner, tunnel, idle_timeout, session)
+
+
+class ByMode:
+    """The engine a process relays with: one for plain tunnels, one for encrypted ones."""
+
+    def __init__(self, plain: Engine, encrypted: Engine) -> None:
+        self.plain = plain
+        self.encrypted = encrypted
+        self.name = f"{plain.name}/{encrypted.name}"
+
+    async def relay(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        inner: socket.socket,
+        tunnel: socket.socket,
+        idle_timeout: float | None = None,
+        session: Session = PLAIN,
+    ) -> RelayStats:
+        engine = self.encrypted if session.mode is WireMode.ENCRYPTED else self.plain
+        return await engine.relay(loop, inner, tunnel, idle_timeout, session=session)
+
+
+def encrypted_engine(bulk: str, mptcp: bool) -> Engine:
+    """The engine for encrypted tunnels under `--bulk`; checks a forced ktls against the kernel."""
+    if bulk not in BULK_CHOICES:
+        raise ConfigError(f"unknown bulk mode {bulk!r} (choose from {', '.join(BULK_CHOICES)})")
+    if bulk == "aead":
+        return AeadEngine()
+    tcp_refusal = ktls.probe(mptcp=False)
+    if bulk == "ktls":
+        why = tcp_refusal or (ktls.probe(mptcp=True) if mptcp else None)
+        if why:
+            hint = "; use --transport tcp" if mptcp and not tcp_refusal else ""
+            raise ConfigError(f"--bulk ktls: {why}{hint} (or --bulk auto to fall back to aead)")
+        return KtlsEngine()
+    # auto (and plain, whose servers still accept encrypted tunnels)
+    if tcp_refusal:
+        log.info("bulk auto: aead (%s)", tcp_refusal)
+        return AutoEngine(AeadEngine(), None)
+    mptcp_refusal = ktls.probe(mptcp=True) if mptcp else None
+    if mptcp_refusal:
+        log.info(
+            "bulk auto: ktls on TCP tunnels, aead on MPTCP ones (%s); --transport tcp keeps "
+            "the encryption in the kernel",
+            mptcp_refusal,
+        )
+    else:
+        kind = "MPTCP" if mptcp else "TCP"
+        log.info("bulk auto: ktls (the kernel takes kTLS on %s sockets)", kind)
+    return AutoEngine(AeadEngine(), KtlsEngine())
+
+
+def choose_bulk(bulk: str, plain: Engine | None = None, mptcp: bool = True) -> ByMode:
+    """Everything a client or server relays with, from `--bulk` and the plain relay engine."""
+    return ByMode(plain or SpliceEngine(), encrypted_engine(bulk, mptcp))

@@ -66,6 +66,9 @@ class Client:
             cfg.engine.name,
             cfg.mode.name.lower(),
         )
+        bulk = getattr(cfg.engine, "summary", None)
+        if bulk and cfg.mode.name == "ENCRYPTED":
+            log.info("%s", bulk)
         return self.addresses
 
     def _close_all(self) -> None:

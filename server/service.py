@@ -145,6 +145,9 @@ class Server:
             self.config.cipher.name,
             self.config.engine.name,
         )
+        bulk = getattr(self.config.engine, "summary", None)
+        if bulk:
+            log.info("%s", bulk)
         return self.address
 
     @property

@@ -69,10 +69,11 @@ class AutoEngine:
 class ByMode:
     """The engine a process relays with: one for plain tunnels, one for encrypted ones."""
 
-    def __init__(self, plain: Engine, encrypted: Engine) -> None:
+    def __init__(self, plain: Engine, encrypted: Engine, summary: str = "") -> None:
         self.plain = plain
         self.encrypted = encrypted
         self.name = f"{plain.name}/{encrypted.name}"
+        self.summary = summary  # logged once at start: which encrypted engine and why
 
     async def relay(
         self,
@@ -86,36 +87,36 @@ class ByMode:
         return await engine.relay(loop, inner, tunnel, idle_timeout, session=session)
 
 
-def encrypted_engine(bulk: str, mptcp: bool) -> Engine:
-    """The engine for encrypted tunnels under `--bulk`; checks a forced ktls against the kernel."""
+def encrypted_engine(bulk: str, mptcp: bool) -> tuple[Engine, str]:
+    """The engine for encrypted tunnels under `--bulk`, and one line saying which and why.
+
+    A forced ktls is checked against the kernel here, so a refusal is a startup error.
+    """
     if bulk not in BULK_CHOICES:
         raise ConfigError(f"unknown bulk mode {bulk!r} (choose from {', '.join(BULK_CHOICES)})")
     if bulk == "aead":
-        return AeadEngine()
+        return AeadEngine(), "bulk aead: records sealed in user space (forced)"
     tcp_refusal = ktls.probe(mptcp=False)
     if bulk == "ktls":
         why = tcp_refusal or (ktls.probe(mptcp=True) if mptcp else None)
         if why:
             hint = "; use --transport tcp" if mptcp and not tcp_refusal else ""
             raise ConfigError(f"--bulk ktls: {why}{hint} (or --bulk auto to fall back to aead)")
-        return KtlsEngine()
+        return KtlsEngine(), "bulk ktls: records sealed by the kernel (forced)"
     # auto (and plain, whose servers still accept encrypted tunnels)
     if tcp_refusal:
-        log.info("bulk auto: aead (%s)", tcp_refusal)
-        return AutoEngine(AeadEngine(), None)
+        return AutoEngine(AeadEngine(), None), f"bulk auto: aead ({tcp_refusal})"
     mptcp_refusal = ktls.probe(mptcp=True) if mptcp else None
     if mptcp_refusal:
-        log.info(
-            "bulk auto: ktls on TCP tunnels, aead on MPTCP ones (%s); --transport tcp keeps "
-            "the encryption in the kernel",
-            mptcp_refusal,
+        why = (
+            f"bulk auto: ktls on TCP tunnels, aead on MPTCP ones ({mptcp_refusal}); "
+            "--transport tcp keeps the encryption in the kernel"
         )
     else:
-        kind = "MPTCP" if mptcp else "TCP"
-        log.info("bulk auto: ktls (the kernel takes kTLS on %s sockets)", kind)
-    return AutoEngine(AeadEngine(), KtlsEngine())
+        why = f"bulk auto: ktls (the kernel takes kTLS on {'MPTCP' if mptcp else 'TCP'} sockets)"
+    return AutoEngine(AeadEngine(), KtlsEngine()), why
 
 
 def choose_bulk(bulk: str, plain: Engine | None = None, mptcp: bool = True) -> ByMode:
     """Everything a client or server relays with, from `--bulk` and the plain relay engine."""
-    return ByMode(plain or SpliceEngine(), encrypted_engine(bulk, mptcp))
+    return ByMode(plain or SpliceEngine(), *encrypted_engine(bulk, mptcp))

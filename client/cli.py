@@ -28,11 +28,13 @@ from mptun.options import (
     stats_option,
     timeout_option,
     transport_option,
+    uci_option,
 )
 
 
 @click.command()
 @config_option
+@uci_option
 @click.option(
     "--server",
     type=HostPort(),

@@ -19,6 +19,7 @@ from mptun.common.crypto import generate_key
 from mptun.common.errors import MptunError
 from mptun.options import env
 from mptun.server.cli import server
+from mptun.uci_cli import uci_command
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -68,6 +69,7 @@ def genkey(output: str | None) -> None:
 
 cli.add_command(server)
 cli.add_command(client)
+cli.add_command(uci_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,10 @@ Precedence: command line > environment (MPTUN_<OPTION>) > config file (TOML, one
 command, keys are the long option names) > built-in default. The config file is read by an eager
 `--config` option into click's `default_map`, which click consults exactly between environment and
 default; required options are checked after that merge.
+
+On OpenWrt the same table comes from UCI instead (`--uci /etc/config/mptun`): the section whose
+type is the command's name (`config client 'main'`) gives option names as keys, with `_` for
+`-`. Both files go through `_merge_defaults`, so they accept the same keys and values.
 """
 
 from __future__ import annotations
@@ -16,11 +20,15 @@ from typing import Any
 
 import click
 
+from mptun.common import uci
 from mptun.common.address import Address
 from mptun.common.crypto import CIPHERS, DEFAULT_CIPHER, decode_key, load_key_file
 from mptun.common.errors import ConfigError, MptunError
 
 ENV_PREFIX = "MPTUN_"
+# Keys a UCI section may carry for the init script and the hotplug hook, not for the command.
+UCI_SERVICE_KEYS = ("enabled", "disabled")
+_CONFIG_SOURCE = "mptun.config_source"  # ctx.meta key: which file filled default_map
 
 
 def env(name: str) -> str:
@@ -72,22 +80,112 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     section = data.get(table, {})
     if not isinstance(section, dict):
         raise click.BadParameter(f"{value}: [{table}] must be a table", ctx, param)
-    known = {p.name: p for p in ctx.command.params if p.name and p.name != "config"}
+    _claim_config_source(ctx, param, value)
     defaults: dict[str, Any] = {}
     for key, val in section.items():
-        name = key.replace("-", "_")
-        p = known.get(name)
-        if p is None or not isinstance(p, click.Option):
-            choices = ", ".join(sorted(k.replace("_", "-") for k in known))
-            raise click.BadParameter(
-                f"{value}: unknown key {key!r} in [{table}] (known: {choices})", ctx, param
-            )
+        p = _known_option(ctx, key, f"{value}: unknown key {key!r} in [{table}]", param)
         if p.multiple and not isinstance(val, list):
             val = [val]
         if isinstance(val, dict):
             raise click.BadParameter(f"{value}: [{table}] {key} must not be a table", ctx, param)
-        defaults[name] = val
+        defaults[p.name or key] = val
+    _merge_defaults(ctx, defaults)
+    return value
+
+
+def _config_params(ctx: click.Context) -> dict[str, click.Parameter]:
+    return {p.name: p for p in ctx.command.params if p.name and p.name not in ("config", "uci")}
+
+
+def _known_option(
+    ctx: click.Context, key: str, unknown: str, param: click.Parameter | None, sep: str = "-"
+) -> click.Option:
+    """The option a config key names (`-` and `_` alike), or the "unknown key" error."""
+    known = _config_params(ctx)
+    p = known.get(key.replace("-", "_"))
+    if p is None or not isinstance(p, click.Option):
+        choices = ", ".join(sorted(k.replace("_", sep) for k in known))
+        raise click.BadParameter(f"{unknown} (known: {choices})", ctx, param)
+    return p
+
+
+def _claim_config_source(ctx: click.Context, param: click.Parameter, value: str) -> None:
+    """One config file per run: --config (TOML) or --uci, not both."""
+    previous = ctx.meta.get(_CONFIG_SOURCE)
+    if previous is not None:
+        raise click.BadParameter(
+            f"{value}: a config was already read from {previous}; give --config or --uci, not both",
+            ctx,
+            param,
+        )
+    ctx.meta[_CONFIG_SOURCE] = value
+
+
+def _merge_defaults(ctx: click.Context, defaults: dict[str, Any]) -> None:
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
+
+
+def uci_defaults(
+    ctx: click.Context, pkg: uci.UciPackage, param: click.Parameter | None = None
+) -> dict[str, Any]:
+    """Map the package's section named after the command onto its options, checking each value
+    with the option's own type so a bad one is reported as `file:line: key: why`."""
+    command = ctx.command.name or ""
+    sections = pkg.of_type(command)
+    if len(sections) > 1:
+        raise click.BadParameter(
+            f"{pkg.path}:{sections[1].line}: a second 'config {command}' section "
+            f"({sections[1].label}); one per file (the first is at line {sections[0].line})",
+            ctx,
+            param,
+        )
+    if not sections:
+        return {}
+    defaults: dict[str, Any] = {}
+    for opt in sections[0].options.values():
+        where = f"{pkg.path}:{opt.line}"
+        if opt.name in UCI_SERVICE_KEYS:
+            try:
+                uci.parse_bool(opt.value, opt.name)
+            except ConfigError as e:
+                raise click.BadParameter(f"{where}: {e}", ctx, param) from None
+            continue
+        p = _known_option(
+            ctx, opt.name, f"{where}: unknown key {opt.name!r} in config {command}", param, "_"
+        )
+        val: Any
+        if p.multiple:
+            val = list(opt.values)
+        elif opt.is_list:
+            raise click.BadParameter(
+                f"{where}: {opt.name} takes one value: write `option {opt.name}`, not `list`",
+                ctx,
+                param,
+            )
+        elif p.is_flag:
+            try:
+                val = uci.parse_bool(opt.value, opt.name)
+            except ConfigError as e:
+                raise click.BadParameter(f"{where}: {e}", ctx, param) from None
+        else:
+            val = opt.value
+        try:
+            p.type_cast_value(ctx, val)
+        except click.BadParameter as e:
+            raise click.BadParameter(f"{where}: {opt.name}: {e.message}", ctx, param) from None
+        defaults[p.name or opt.name] = val
+    return defaults
+
+
+def _load_uci(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        pkg = uci.load(value)
+    except uci.UciError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+    _claim_config_source(ctx, param, value)
+    _merge_defaults(ctx, uci_defaults(ctx, pkg, param))
     return value
 
 
@@ -100,6 +198,19 @@ def config_option(f: Callable) -> Callable:
         expose_value=False,
         callback=_load_config,
         help="TOML config file; its table for this command uses the long option names as keys.",
+    )(f)
+
+
+def uci_option(f: Callable) -> Callable:
+    return click.option(
+        "--uci",
+        type=click.Path(dir_okay=False),
+        envvar=env("uci"),
+        is_eager=True,
+        expose_value=False,
+        callback=_load_uci,
+        help="OpenWrt UCI config (e.g. /etc/config/mptun): its `config <command>` section, "
+        "option names with _ for -, instead of --config.",
     )(f)
 
 

@@ -83,20 +83,23 @@ def _check_uplink(pkg: uci.UciPackage, sec: uci.UciSection) -> None:
 def uci_command(
     ctx: click.Context, file: str, section_type: str | None, option: str | None
 ) -> None:
-    """Check a UCI config; with TYPE and OPTION, print that option of every enabled section.
+    """Check a UCI config; with TYPE list its enabled sections, with OPTION their values.
 
     `mptun uci /etc/config/mptun` validates every section as its command would (exit 2 with
-    `file:line: what` otherwise). `mptun uci /etc/config/mptun uplink interface` prints each
-    enabled uplink's interface, one per line (the list items of a `list` option likewise).
+    `file:line: what` otherwise). `mptun uci /etc/config/mptun client` prints the enabled client
+    section's name; `mptun uci /etc/config/mptun uplink interface` prints each enabled uplink's
+    interface, one per line (the items of a `list` option likewise).
     """
     pkg = uci.load(file)
     if section_type is None:
         for line in check_package(ctx, pkg):
             click.echo(line)
         return
-    if option is None:
-        raise click.UsageError("give OPTION with TYPE, e.g. `mptun uci FILE uplink interface`")
     for sec in pkg.of_type(section_type):
-        if sec.enabled:
-            for value in sec.get_list(option):
-                click.echo(value)
+        if not sec.enabled:
+            continue
+        if option is None:
+            click.echo(sec.label)
+            continue
+        for value in sec.get_list(option):
+            click.echo(value)

@@ -270,6 +270,14 @@ def test_uci_command_checks_and_queries(tmp_path: Path) -> None:
     ]
     r = run_mptun("uci", str(conf), "uplink", "interface")
     assert r.stdout.splitlines() == ["wan", "wwan"]
+    r = run_mptun("uci", str(conf), "uplink")
+    assert r.stdout.splitlines() == ["wan", "@uplink[1]"]
+    r = run_mptun("uci", str(conf), "client")
+    assert r.stdout.splitlines() == ["main"]
+    conf.write_text(
+        conf.read_text().replace("'vps.example.net:8443'\n", "x:1\n option enabled 0\n")
+    )
+    assert run_mptun("uci", str(conf), "client").stdout == ""
     conf.write_text("config uplink\n option device eth1\n")
     r = run_mptun("uci", str(conf))
     assert r.returncode == 2 and f"{conf}:2: unknown key 'device' in config uplink" in r.stderr

@@ -213,6 +213,9 @@ Type=exec
 # connection (one per router uplink) and 8 announced addresses. "+" runs it with privileges.
 ExecStartPre=+$ip mptcp limits set subflows 8 add_addr_accepted 8
 ExecStart=$VENV/bin/mptun server --config $CONFIG --key-file \${CREDENTIALS_DIRECTORY}/key
+# SIGHUP re-reads server.toml, keeping open connections (a new key needs a restart: systemd
+# copies the credential only at start).
+ExecReload=/bin/kill -HUP \$MAINPID
 Restart=on-failure
 RestartSec=2s
 # The key stays root-only in $ETC; systemd gives the service a private copy.

@@ -28,7 +28,7 @@ OTHER_ADDR = "198.51.100.18"
 
 def _mptun_program(tmp: Path) -> Path:
     """An executable `mptun` for the hook's MPTUN variable: this interpreter with this tree."""
-    prog = tmp / "mptun"
+    prog = tmp / "mptun-program"
     prog.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m mptun "$@"\n')
     prog.chmod(0o755)
     return prog
@@ -68,7 +68,7 @@ def router(tmp_path: Path) -> Iterator[Netns]:
 
 
 def _config(tmp_path: Path, client_enabled: str = "1") -> Path:
-    conf = tmp_path / "mptun"
+    conf = tmp_path / "mptun.uci"
     conf.write_text(
         "config client 'main'\n"
         f"\toption enabled '{client_enabled}'\n"
@@ -132,6 +132,15 @@ def test_disabled_client_leaves_uplinks_alone(router: Netns, tmp_path: Path) -> 
     conf = _config(tmp_path, client_enabled="0")
     r = _hotplug(router, tmp_path, conf, "ifup", "wan", "up0")
     assert r.returncode == 0, r.stderr
+    assert _endpoints(router).strip() == ""
+
+
+def test_unreadable_config_is_reported(router: Netns, tmp_path: Path) -> None:
+    conf = tmp_path / "broken.uci"
+    conf.write_text("config client 'main'\n\toption server 'x:1\n")
+    r = _hotplug(router, tmp_path, conf, "ifup", "wan", "up0")
+    assert r.returncode == 1
+    assert f"{conf}:2: unterminated '" in r.stderr
     assert _endpoints(router).strip() == ""
 
 

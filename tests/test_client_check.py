@@ -137,25 +137,30 @@ def test_socks_per_client_limit(tmp_path: Path, key_file: Path, mptun_pair) -> N
     """Over --socks-per-client, a LAN address's extra connections are reset and counted."""
     stats = tmp_path / "client-stats.json"
     pair = mptun_pair(client_args=("--socks-per-client", "3", "--stats-file", str(stats)))
-    held = [socket.create_connection(("127.0.0.1", pair.socks_port)) for _ in range(3)]
-    try:
-        extra = socket.create_connection(("127.0.0.1", pair.socks_port), timeout=5)
-        extra.sendall(b"\x05\x01\x00")
-        with pytest.raises(ConnectionResetError):
-            extra.recv(16)
-        extra.close()
-        held.pop().close()
-        deadline = time.monotonic() + 10
-        while True:  # the slot frees once the client sees the close
-            s = socket.create_connection(("127.0.0.1", pair.socks_port), timeout=5)
+    deadline = time.monotonic() + 10
+    while read_stats_after_usr1(pair.client.pid, stats)["active"]:  # wait_listening's probe
+        assert time.monotonic() < deadline
+
+    def greet() -> bool:
+        """Open a SOCKS connection: True if served, False if reset by the limit."""
+        s = socket.create_connection(("127.0.0.1", pair.socks_port), timeout=5)
+        try:
             s.sendall(b"\x05\x01\x00")
-            try:
-                if s.recv(2) == b"\x05\x00":
-                    held.append(s)
-                    break
-            except ConnectionResetError:
-                s.close()
-            assert time.monotonic() < deadline, "the slot never freed"
+            if s.recv(2) == b"\x05\x00":
+                held.append(s)
+                return True
+        except ConnectionResetError:
+            pass
+        s.close()
+        return False
+
+    held: list[socket.socket] = []
+    try:
+        assert all(greet() for _ in range(3))
+        assert not greet()
+        held.pop().close()
+        while not greet():  # the slot frees once the client sees the close
+            assert time.monotonic() < deadline + 10, "the slot never freed"
         counters = read_stats_after_usr1(pair.client.pid, stats)["counters"]
         assert counters["socks-per-client"] >= 1
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mptun.common.address import Address
 from mptun.common.crypto import DEFAULT_CIPHER, cipher_by_name, load_key_file
-from mptun.common.handshake import ClientHandshake, NeedData, Response
+from mptun.common.handshake import ClientHandshake, NeedData, Response, WireMode
 from mptun.common.stats import read_stats
 from tests.helpers import MptunProcess, free_port, wait_listening
 
@@ -94,7 +94,15 @@ def delta(after: dict[str, int], before: dict[str, int], keys=HANDSHAKE_STATUSES
 
 def flight(psk: bytes, target: Address, clock=time.time, early: bytes = b"") -> ClientHandshake:
     """A client handshake whose first flight has no padding (short and deterministic in size)."""
-    hs = ClientHandshake(psk, cipher_by_name(DEFAULT_CIPHER), target, clock=clock, padding=_no_pad)
+    # Encrypted: the mode a default server accepts (plain only with --bulk plain).
+    hs = ClientHandshake(
+        psk,
+        cipher_by_name(DEFAULT_CIPHER),
+        target,
+        WireMode.ENCRYPTED,
+        clock=clock,
+        padding=_no_pad,
+    )
     return hs
 
 

@@ -122,6 +122,20 @@ def set_user_timeout(sock: socket.socket, seconds: float) -> bool:
     return True
 
 
+def arm_reset(sock: socket.socket, armed: bool = True) -> None:
+    """While armed, any close (also the kernel's when this process dies) sends RST, not FIN.
+
+    A relay arms both legs while it runs and disarms them just before a clean close: a crash or
+    kill of mptun then shows as a reset at the far ends instead of a FIN that would make a cut
+    plain-mode stream look complete (SO_LINGER with a zero timeout: tcp_close() in
+    net/ipv4/tcp.c; measured here for TCP and MPTCP, tests/test_faults.py).
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", int(armed), 0))
+    except OSError:
+        pass
+
+
 def reset(sock: socket.socket) -> None:
     """Close with RST instead of FIN (SO_LINGER 0), so a truncated stream never looks complete."""
     try:

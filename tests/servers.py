@@ -24,10 +24,19 @@ HANDSHAKE_STATUSES = ("auth", "replay", "clock", "replay-full", "timeout", "inco
 class ServerProcess:
     """`mptun server` on loopback with `--stats-file`; `stats()` asks for a fresh dump."""
 
-    def __init__(self, tmp: Path, key_file: Path, *args: str, env: dict | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        tmp: Path,
+        key_file: Path,
+        *args: str,
+        env: dict | None = None,
+        port: int | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
+        self.port = port or free_port()
         self.key_file = key_file
         self.stats_path = tmp / f"stats-{self.port}.json"
+        self.stats_path.unlink(missing_ok=True)  # a dump of an earlier process would mislead
         self.proc = MptunProcess(
             [
                 "server",
@@ -39,8 +48,9 @@ class ServerProcess:
                 str(self.stats_path),
                 *args,
             ],
-            tmp / f"server-{self.port}.log",
+            tmp / f"server-{self.port}-{time.monotonic_ns()}.log",
             env,
+            prefix,
         )
         wait_listening("127.0.0.1", self.port, proc=self.proc.proc)
         # wait_listening's own connection ends as INCOMPLETE: let it land before tests count.
@@ -164,3 +174,112 @@ def closing_target() -> Iterator[int]:
         stop.set()
         t.join()
         srv.close()
+
+
+def socks_open(
+    socks_port: int, target: Address, timeout: float = 10.0
+) -> tuple[socket.socket, int]:
+    """A SOCKS5 CONNECT through the client; returns the socket and the reply code."""
+    s = socket.create_connection(("127.0.0.1", socks_port), timeout=timeout)
+    s.sendall(b"\x05\x01\x00")
+    assert s.recv(2) == b"\x05\x00"
+    s.sendall(b"\x05\x01\x00" + target.encode())
+    head = b""
+    while len(head) < 4:  # VER REP RSV ATYP, then an address whose length ATYP gives
+        c = s.recv(4 - len(head))
+        if not c:
+            return s, -1
+        head += c
+    rest = {1: 4 + 2, 4: 16 + 2}.get(head[3], 0)
+    while rest:
+        rest -= len(s.recv(rest))
+    return s, head[1]
+
+
+class ClientProcess:
+    """`mptun client` with a SOCKS listener on loopback."""
+
+    def __init__(self, tmp: Path, key_file: Path, server_port: int, *args: str) -> None:
+        self.socks_port = free_port()
+        self.stats_path = tmp / f"client-stats-{self.socks_port}.json"
+        self.proc = MptunProcess(
+            [
+                "client",
+                "--server",
+                f"127.0.0.1:{server_port}",
+                "--key-file",
+                str(key_file),
+                "--socks",
+                f"127.0.0.1:{self.socks_port}",
+                "--stats-file",
+                str(self.stats_path),
+                *args,
+            ],
+            tmp / f"client-{self.socks_port}.log",
+        )
+        wait_listening("127.0.0.1", self.socks_port, proc=self.proc.proc)
+
+    def stats(self) -> dict:
+        return read_stats_after_usr1(self.proc.pid, self.stats_path, proc=self.proc)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        return self.proc.stop(sig)
+
+
+class StreamTarget:
+    """A loopback target that streams `chunk`-sized pieces every `interval` s until told or
+    broken; `ends` collects how each connection ended ("eof", "reset", "stopped")."""
+
+    def __init__(self, chunk: int = 16384, interval: float = 0.01, total: int | None = None):
+        self.chunk, self.interval, self.total = chunk, interval, total
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.stop = threading.Event()
+        self.ends: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def address(self) -> Address:
+        return Address.parse(f"127.0.0.1:{self.port}")
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        sent, data = 0, os.urandom(self.chunk)
+        try:
+            while not self.stop.is_set() and (self.total is None or sent < self.total):
+                conn.sendall(data)
+                sent += len(data)
+                time.sleep(self.interval)
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(65536):
+                pass
+            self.ends.append("eof" if not self.stop.is_set() else "stopped")
+        except OSError:
+            self.ends.append("reset")
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.srv.close()
+
+
+def read_until_end(s: socket.socket, timeout: float) -> tuple[int, str]:
+    """Read until EOF, reset or `timeout`; (bytes read, "eof" | "reset" | "hang")."""
+    s.settimeout(timeout)
+    n = 0
+    try:
+        while chunk := s.recv(65536):
+            n += len(chunk)
+    except ConnectionResetError:
+        return n, "reset"
+    except TimeoutError:
+        return n, "hang"
+    return n, "eof"

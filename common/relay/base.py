@@ -24,7 +24,7 @@ from mptun.common.crypto import CipherSpec
 from mptun.common.errors import MptunError, Status, UsageError
 from mptun.common.handshake import BulkKeys, WireMode
 from mptun.common.records import Opener, Sealer
-from mptun.common.sockets import reset
+from mptun.common.sockets import arm_reset, reset
 
 
 class Side(enum.Enum):
@@ -259,6 +259,8 @@ class Relay:
         self.pumps = [out, back]
 
     async def run(self) -> RelayStats:
+        for leg in (self.inner, self.tunnel):
+            arm_reset(leg)  # until a clean end, a dying process resets both far ends
         try:
             for p in self.pumps:
                 p.start()
@@ -312,6 +314,7 @@ class Relay:
             p.release()
         for s in (self.inner, self.tunnel):
             if clean:
+                arm_reset(s, False)
                 s.close()
             else:
                 reset(s)

@@ -7,6 +7,9 @@ import asyncio
 import click
 
 from mptun.client.check import run_check
+from mptun.client.dns import DnsForwarder, DnsTcpHandler, DnsUdpServer, TunnelExchange
+from mptun.client.dnscache import DnsCache
+from mptun.client.redirect import gateway_listeners
 from mptun.client.service import Client, ListenerSpec
 from mptun.client.socks import ReplyPolicy, SocksListener
 from mptun.client.tunnel import Dialer, TunnelConfig
@@ -17,6 +20,7 @@ from mptun.common.handshake import WireMode
 from mptun.common.relay import choose_bulk, choose_engine
 from mptun.common.stats import StatsDump
 from mptun.options import (
+    ForwardPair,
     HostPort,
     bulk_option,
     cipher_option,
@@ -68,6 +72,58 @@ from mptun.options import (
     help="optimistic: answer SOCKS at once and send the first bytes with the handshake; "
     "verified: wait for the server's connect status and report it.",
 )
+@click.option(
+    "--redir",
+    type=HostPort(ip_only=True),
+    envvar=env("redir"),
+    help="Accept connections nftables `redirect` sends here (see `mptun nft`), e.g. [::]:1234 "
+    "for IPv4 and IPv6; the original destination comes from conntrack.",
+)
+@click.option(
+    "--tproxy",
+    type=HostPort(ip_only=True),
+    envvar=env("tproxy"),
+    help="Accept connections nftables `tproxy` hands here (see `mptun nft --mode tproxy`); "
+    "needs CAP_NET_ADMIN.",
+)
+@click.option(
+    "--forward",
+    type=ForwardPair(),
+    multiple=True,
+    envvar=env("forward"),
+    help="LOCAL_HOST:PORT=TARGET_HOST:PORT: tunnel every connection to LOCAL to TARGET, like "
+    "ss-tunnel (repeatable).",
+)
+@click.option(
+    "--dns",
+    type=HostPort(ip_only=True),
+    envvar=env("dns"),
+    help="Answer DNS over UDP and TCP here, e.g. [::]:5353, by asking --dns-upstream through "
+    "the tunnel (DNS over TCP).",
+)
+@click.option(
+    "--dns-upstream",
+    type=HostPort(default_port=53),
+    envvar=env("dns-upstream"),
+    help="The resolver the VPS asks for --dns, HOST[:PORT] (port 53 by default), e.g. 9.9.9.9.",
+)
+@click.option(
+    "--dns-cache",
+    type=click.IntRange(min=0),
+    default=1024,
+    show_default=True,
+    envvar=env("dns-cache"),
+    help="Answers the DNS cache keeps (each for its TTL, at most an hour); 0 turns it off.",
+)
+@click.option(
+    "--dns-max-inflight",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    envvar=env("dns-max-inflight"),
+    help="Tunnel connections open for DNS at once; more queries wait (up to 512, then SERVFAIL).",
+)
+@timeout_option("dns-timeout", 5.0, "Seconds for an upstream DNS answer before SERVFAIL.")
 @cipher_option
 @transport_option
 @relay_option
@@ -117,6 +173,14 @@ def client(
     socks_user,
     socks_password,
     reply,
+    redir,
+    tproxy,
+    forward,
+    dns,
+    dns_upstream,
+    dns_cache,
+    dns_max_inflight,
+    dns_timeout,
     cipher,
     transport,
     relay,
@@ -133,6 +197,8 @@ def client(
     if (socks_user is None) != (socks_password is None):
         raise ConfigError("--socks-user and --socks-password go together")
     credentials = (socks_user, socks_password) if socks_user is not None else None
+    if dns is not None and dns_upstream is None:
+        raise ConfigError("--dns needs --dns-upstream (the resolver to ask through the tunnel)")
     dialer = Dialer(
         TunnelConfig(
             server=server,
@@ -157,7 +223,18 @@ def client(
             dialer, ReplyPolicy(reply), credentials, per_client=socks_per_client
         )
         listeners.append(ListenerSpec(socks, handler))
-    app = Client(dialer, listeners, max_connections)
+    listeners += gateway_listeners(dialer, redir, tproxy, forward)
+    services = []
+    if dns is not None:
+        forwarder = DnsForwarder(
+            TunnelExchange(dialer, dns_upstream),
+            DnsCache(max_entries=dns_cache),
+            max_inflight=dns_max_inflight,
+            timeout=dns_timeout,
+        )
+        listeners.append(ListenerSpec(dns, DnsTcpHandler(forwarder)))
+        services.append(DnsUdpServer(dns, forwarder))
+    app = Client(dialer, listeners, max_connections, services)
     runtime.run(app.start, app.stop, dump=StatsDump(stats_file, app.snapshot))
 
 

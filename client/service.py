@@ -1,4 +1,4 @@
-"""The client process: one Dialer shared by every listener (SOCKS5 now; redirect, forward later)."""
+"""The client process: one Dialer shared by every listener (SOCKS5, redirect, forward, DNS)."""
 
 from __future__ import annotations
 
@@ -22,33 +22,56 @@ class ListenerHandler(Protocol):
     async def handle(self, sock, peer: tuple) -> None: ...
 
 
+class Service(Protocol):
+    """Something that is not a TCP accept loop (the DNS server's UDP socket)."""
+
+    kind: str
+    bind: Address
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> Address: ...
+
+    def close(self) -> None: ...
+
+    async def drain(self, timeout: float) -> int: ...
+
+
 @dataclass
 class ListenerSpec:
     bind: Address
     handler: ListenerHandler
+    transparent: bool = False  # accept connections nftables tproxy hands over (IP_TRANSPARENT)
 
 
 class Client:
     def __init__(
-        self, dialer: Dialer, listeners: list[ListenerSpec], max_connections: int = 4096
+        self,
+        dialer: Dialer,
+        listeners: list[ListenerSpec],
+        max_connections: int = 4096,
+        services: list[Service] | None = None,
     ) -> None:
-        if not listeners:
-            raise ConfigError("nothing to listen on: give --socks (or another listener)")
+        if not listeners and not services:
+            raise ConfigError(
+                "nothing to listen on: give --socks, --redir, --tproxy, --forward or --dns"
+            )
         self.dialer = dialer
         self.specs = listeners
+        self.services = services or []
         self.max_connections = max_connections
         self.loops: list[AcceptLoop] = []
+        self.started: list[Service] = []
         self.addresses: list[Address] = []
 
     def start(self, loop: asyncio.AbstractEventLoop) -> list[Address]:
         local = Transport(want_mptcp=False)  # the LAN side is plain TCP
         for spec in self.specs:
             try:
-                sock, _ = listen_socket(spec.bind, local)
+                sock, _ = listen_socket(spec.bind, local, transparent=spec.transparent)
             except OSError as e:
                 self._close_all()
+                hint = " (IP_TRANSPARENT needs CAP_NET_ADMIN)" if spec.transparent else ""
                 raise ConfigError(
-                    f"cannot listen on {spec.bind} ({spec.handler.kind}): {e.strerror}"
+                    f"cannot listen on {spec.bind} ({spec.handler.kind}): {e.strerror}{hint}"
                 ) from None
             accept = AcceptLoop(loop, sock, spec.handler.handle, log, self.max_connections)
             accept.start()
@@ -57,6 +80,17 @@ class Client:
             bound = Address.parse(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             self.addresses.append(bound)
             log.info("%s listening on %s", spec.handler.kind, bound)
+        for service in self.services:
+            try:
+                bound = service.start(loop)
+            except OSError as e:
+                self._close_all()
+                raise ConfigError(
+                    f"cannot listen on {service.bind} ({service.kind}): {e.strerror}"
+                ) from None
+            self.started.append(service)
+            self.addresses.append(bound)
+            log.info("%s listening on %s", service.kind, bound)
         cfg = self.dialer.config
         log.info(
             "tunnel to %s (%s, cipher %s, relay %s, mode %s)",
@@ -75,6 +109,9 @@ class Client:
         for a in self.loops:
             a.close()
         self.loops.clear()
+        for s in self.started:
+            s.close()
+        self.started.clear()
 
     def snapshot(self) -> dict:
         """Counters and gauges for `--stats-file` / SIGUSR1 (docs/CLI.md lists the names)."""
@@ -89,5 +126,10 @@ class Client:
     async def stop(self, drain_timeout: float) -> int:
         for a in self.loops:
             a.close()
-        left = await asyncio.gather(*(a.drain(drain_timeout) for a in self.loops))
+        for s in self.started:
+            s.close()
+        left = await asyncio.gather(
+            *(a.drain(drain_timeout) for a in self.loops),
+            *(s.drain(drain_timeout) for s in self.started),
+        )
         return sum(left)

@@ -8,6 +8,15 @@ Kernel facts used here:
   are done here with `connect_ex` and writer readiness.
 - MPTCP sockets accept SO_KEEPALIVE, and TCP_KEEPIDLE/INTVL/CNT only on newer kernels
   (net/mptcp/sockopt.c); on refusal plain SO_KEEPALIVE with system defaults is used.
+- A connection REDIRECTed by netfilter keeps its original destination in conntrack:
+  getsockopt(SOL_IP, SO_ORIGINAL_DST=80) returns a sockaddr_in (include/uapi/linux/netfilter_ipv4.h)
+  and getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST=80) a sockaddr_in6
+  (include/uapi/linux/netfilter_ipv6/ip6_tables.h); ENOENT when conntrack has no entry. An IPv4
+  connection accepted on a dual-stack IPv6 socket answers the SOL_IP form (ipv6_getsockopt hands
+  SOL_IP to ip_getsockopt, net/ipv6/ipv6_sockglue.c).
+- nftables `tproxy` delivers a connection to a socket bound with IP_TRANSPARENT (IPv4, 19) or
+  IPV6_TRANSPARENT (75); its local address is the original destination. Setting either needs
+  CAP_NET_ADMIN (or CAP_NET_RAW) (net/ipv4/ip_sockglue.c).
 """
 
 from __future__ import annotations
@@ -25,6 +34,12 @@ IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
 SOL_MPTCP = 284
 MPTCP_INFO = 1
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75
+_SOCKADDR_IN_LEN = 16
+_SOCKADDR_IN6_LEN = 28
 
 # errno values meaning "this kernel/namespace will not make an MPTCP socket"
 _NO_MPTCP = {errno.ENOPROTOOPT, errno.EPROTONOSUPPORT, errno.EINVAL, errno.EAFNOSUPPORT}
@@ -160,13 +175,18 @@ def is_mptcp(sock: socket.socket) -> bool | None:
 
 
 def listen_socket(
-    bind: Address, transport: Transport, backlog: int = 1024
+    bind: Address, transport: Transport, backlog: int = 1024, transparent: bool = False
 ) -> tuple[socket.socket, bool]:
-    """A listening non-blocking socket (MPTCP when possible) on an IP address and port."""
+    """A listening non-blocking socket (MPTCP when possible) on an IP address and port.
+
+    `transparent` makes it accept connections nftables `tproxy` hands it (IP_TRANSPARENT).
+    """
     family = family_of(bind.host)  # type: ignore[arg-type]
     sock, mptcp = transport.socket(family)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if transparent:
+            set_transparent(sock)
         if family == socket.AF_INET6 and ipaddress.ip_address(bind.host).is_unspecified:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(bind.sockaddr())
@@ -202,3 +222,46 @@ def is_local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     finally:
         s.close()
     return True
+
+
+def set_transparent(sock: socket.socket) -> None:
+    """Let `sock` own connections to foreign addresses (tproxy); OSError EPERM without privilege."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+
+
+def unmapped(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4-mapped IPv6 address (what a dual-stack socket reports) as plain IPv4."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def sockaddr_address(sa: tuple) -> Address:
+    """A socket address tuple as an Address, IPv4-mapped addresses unwrapped."""
+    return Address(unmapped(ipaddress.ip_address(sa[0].split("%")[0])), sa[1])
+
+
+def original_dst(sock: socket.socket) -> Address:
+    """Where a connection REDIRECTed by netfilter was going (conntrack's original destination).
+
+    Raises OSError (ENOENT) when conntrack knows no such connection.
+    """
+    peer = ipaddress.ip_address(sock.getpeername()[0].split("%")[0])
+    if sock.family == socket.AF_INET or unmapped(peer).version == 4:
+        raw = sock.getsockopt(socket.IPPROTO_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN)
+        if len(raw) < 8:
+            raise OSError(errno.EINVAL, "short SO_ORIGINAL_DST answer")
+        # struct sockaddr_in: family (host order), port (network order), address
+        port = int.from_bytes(raw[2:4], "big")
+        return Address(ipaddress.IPv4Address(raw[4:8]), port)
+    raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
+    if len(raw) < 24:
+        raise OSError(errno.EINVAL, "short IP6T_SO_ORIGINAL_DST answer")
+    # struct sockaddr_in6: family, port (network order), flowinfo, address, scope id
+    port = int.from_bytes(raw[2:4], "big")
+    return Address(unmapped(ipaddress.IPv6Address(raw[8:24])), port)

@@ -15,6 +15,7 @@ import click
 
 from mptun import __version__
 from mptun.client.cli import client
+from mptun.client.nftcli import nft
 from mptun.common.crypto import generate_key
 from mptun.common.errors import MptunError
 from mptun.options import env
@@ -70,6 +71,7 @@ def genkey(output: str | None) -> None:
 cli.add_command(server)
 cli.add_command(client)
 cli.add_command(uci_command)
+cli.add_command(nft)
 
 
 def main(argv: list[str] | None = None) -> None:

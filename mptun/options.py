@@ -64,6 +64,23 @@ class HostPort(click.ParamType):
         return addr
 
 
+class ForwardPair(click.ParamType):
+    """LOCAL_HOST:PORT=TARGET_HOST:PORT: an address to listen on and the target to tunnel to."""
+
+    name = "local=target"
+
+    def convert(self, value: Any, param, ctx) -> tuple[Address, Address]:
+        if isinstance(value, tuple):
+            return value
+        local, sep, target = str(value).partition("=")
+        if not sep or not local or not target:
+            self.fail(f"{value!r}: expected LOCAL_HOST:PORT=TARGET_HOST:PORT", param, ctx)
+        return (
+            HostPort(ip_only=True).convert(local, param, ctx),
+            HostPort().convert(target, param, ctx),
+        )
+
+
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None

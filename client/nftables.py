@@ -1,0 +1,295 @@
+"""The router's nftables ruleset for gateway mode, built as data and rendered as text.
+
+`gateway_table(settings)` builds a `Table` (sets, chains, rules); `Table.render()` prints it in
+`nft -f` syntax, by default preceded by the two lines that make loading it replace an earlier copy
+atomically (`table inet mptun` + `delete table inet mptun`: nft 1.0.6 has no `destroy`). The
+OpenWrt package renders the same table for an fw4 include.
+
+What is never redirected, and why:
+- packets that do not come in on a LAN interface: the router's own connections (the tunnel to the
+  VPS among them) use the output path and never reach a prerouting hook, so nothing loops;
+- destinations on the router itself (`fib daddr type local`);
+- the VPS server's addresses (a LAN connection to the VPS goes out as it is);
+- the bypass ranges (by default loopback, private, shared, link-local, multicast, reserved).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mptun.common.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# What a router should never send through the tunnel unless told to: RFC 6890's special-purpose
+# ranges that are not globally reachable (documentation ranges excepted: test beds use them).
+DEFAULT_BYPASS_V4 = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+)
+DEFAULT_BYPASS_V6 = ("::/127", "fc00::/7", "fe80::/10", "ff00::/8")
+DEFAULT_BYPASS = DEFAULT_BYPASS_V4 + DEFAULT_BYPASS_V6
+
+DEFAULT_TABLE = "mptun"
+DEFAULT_LAN = ("br-lan",)  # OpenWrt's LAN bridge
+DEFAULT_MARK = 0x10000  # outside mwan3's default mark mask (0x3F00)
+DEFAULT_ROUTE_TABLE = 100
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@+-]{1,15}$")  # IFNAMSIZ-1; no quotes or spaces
+_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+
+Mode = Literal["redirect", "tproxy"]
+
+
+@dataclass
+class NftSet:
+    name: str
+    type: str  # ipv4_addr, ipv6_addr, ifname
+    elements: list[str]
+    interval: bool = False
+
+    def render(self) -> list[str]:
+        lines = [f"set {self.name} {{", f"\ttype {self.type}"]
+        if self.interval:
+            lines.append("\tflags interval")
+        if self.elements:
+            lines.append(f"\telements = {{ {', '.join(self.elements)} }}")
+        return [*lines, "}"]
+
+
+@dataclass
+class Chain:
+    name: str
+    type: str | None = None  # a base chain: filter, nat
+    hook: str | None = None
+    priority: str | None = None
+    policy: str = "accept"
+    rules: list[str] = field(default_factory=list)
+    comment: str | None = None
+
+    def render(self) -> list[str]:
+        lines = [f"chain {self.name} {{"]
+        if self.comment:
+            lines.append(f"\t# {self.comment}")
+        if self.type:
+            lines.append(
+                f"\ttype {self.type} hook {self.hook} priority {self.priority}; "
+                f"policy {self.policy};"
+            )
+        lines += [f"\t{r}" for r in self.rules]
+        return [*lines, "}"]
+
+
+@dataclass
+class Table:
+    family: str
+    name: str
+    sets: list[NftSet] = field(default_factory=list)
+    chains: list[Chain] = field(default_factory=list)
+    header: list[str] = field(default_factory=list)  # comment lines printed first
+
+    def delete_command(self) -> str:
+        return f"nft delete table {self.family} {self.name}"
+
+    def render(self, replace: bool = True) -> str:
+        """`nft -f` text; `replace` prefixes what makes loading it replace an older copy."""
+        out = [f"# {line}" if line else "#" for line in self.header]
+        if replace:
+            out += [f"table {self.family} {self.name}", f"delete table {self.family} {self.name}"]
+        out.append(f"table {self.family} {self.name} {{")
+        blocks = [s.render() for s in self.sets] + [c.render() for c in self.chains]
+        for i, block in enumerate(blocks):
+            if i:
+                out.append("")
+            out += [f"\t{line}" for line in block]
+        out.append("}")
+        return "\n".join(out) + "\n"
+
+
+@dataclass
+class GatewaySettings:
+    """What `mptun nft` is told: the listener, the LAN, what to leave alone, the extras."""
+
+    port: int  # the client's --redir (mode redirect) or --tproxy (mode tproxy) port
+    mode: Mode = "redirect"
+    lan_interfaces: Sequence[str] = DEFAULT_LAN
+    servers: Sequence[IPAddress] = ()
+    bypass: Sequence[IPNetwork] = field(
+        default_factory=lambda: [ipaddress.ip_network(c) for c in DEFAULT_BYPASS]
+    )
+    dns_port: int | None = None  # redirect the LAN's port 53 (UDP and TCP) here
+    block_quic: bool = False
+    ipv6: bool = True
+    table: str = DEFAULT_TABLE
+    mark: int = DEFAULT_MARK
+    route_table: int = DEFAULT_ROUTE_TABLE
+
+    def validate(self) -> None:
+        for p, what in ((self.port, "listener port"), (self.dns_port, "DNS port")):
+            if p is not None and not 0 < p <= 0xFFFF:
+                raise ConfigError(f"{what} must be 1-65535, not {p}")
+        if not self.lan_interfaces:
+            raise ConfigError("give at least one LAN interface")
+        for name in self.lan_interfaces:
+            if not _IFNAME.match(name):
+                raise ConfigError(f"not an interface name: {name!r}")
+        if not _TABLE_NAME.match(self.table):
+            raise ConfigError(f"not a table name: {self.table!r} (letters, digits, _)")
+        if not 0 < self.mark <= 0xFFFFFFFF:
+            raise ConfigError(f"mark must be 1-0xffffffff, not {self.mark:#x}")
+        if not 0 < self.route_table < 0xFFFFFFFF or self.route_table in (253, 254, 255):
+            raise ConfigError(f"route table {self.route_table} is reserved or out of range")
+
+
+def parse_networks(values: Iterable[str], what: str = "bypass") -> list[IPNetwork]:
+    out = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_network(v.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{what}: not an address or CIDR: {v!r}") from None
+    return out
+
+
+def _elements(nets: Iterable[IPNetwork], version: int) -> list[str]:
+    """Sorted, merged CIDRs of one family (an interval set refuses overlapping elements)."""
+    chosen = [n for n in nets if n.version == version]
+    merged = ipaddress.collapse_addresses(chosen)  # type: ignore[type-var]
+    return [str(n) if n.prefixlen != n.max_prefixlen else str(n.network_address) for n in merged]
+
+
+def _skip_rules(ipv6: bool) -> list[str]:
+    """Destinations never redirected: this router, the VPS server, the bypass ranges."""
+    rules = [
+        "fib daddr type local return",
+        "ip daddr @server_v4 return",
+        "ip daddr @bypass_v4 return",
+    ]
+    if ipv6:
+        rules += ["ip6 daddr @server_v6 return", "ip6 daddr @bypass_v6 return"]
+    else:
+        rules.append("meta nfproto ipv6 return")
+    return rules
+
+
+def gateway_table(s: GatewaySettings) -> Table:
+    """The whole gateway ruleset for `s` as one table."""
+    s.validate()
+    servers = [ipaddress.ip_network(ip) for ip in s.servers]
+    sets = [
+        NftSet("lan_ifaces", "ifname", [f'"{n}"' for n in dict.fromkeys(s.lan_interfaces)]),
+        NftSet("server_v4", "ipv4_addr", _elements(servers, 4), interval=True),
+        NftSet("bypass_v4", "ipv4_addr", _elements(s.bypass, 4), interval=True),
+    ]
+    if s.ipv6:
+        sets += [
+            NftSet("server_v6", "ipv6_addr", _elements(servers, 6), interval=True),
+            NftSet("bypass_v6", "ipv6_addr", _elements(s.bypass, 6), interval=True),
+        ]
+    chains: list[Chain] = []
+    only_lan = "iifname != @lan_ifaces return"
+    dns_family = "" if s.ipv6 else "meta nfproto ipv4 "
+    dns_rule = (
+        f"{dns_family}meta l4proto {{ tcp, udp }} th dport 53 redirect to :{s.dns_port}"
+        if s.dns_port
+        else None
+    )
+    if s.mode == "redirect":
+        nat = [only_lan]
+        if dns_rule:
+            nat.append(dns_rule)  # before the local-address rule: catches queries to the router
+        nat += [*_skip_rules(s.ipv6), f"meta l4proto tcp redirect to :{s.port}"]
+        chains.append(
+            Chain(
+                "lan_redirect",
+                "nat",
+                "prerouting",
+                "dstnat",
+                rules=nat,
+                comment="the LAN's TCP to the mptun client's --redir port",
+            )
+        )
+    else:
+        mark = f"{s.mark:#x}"
+        chains.append(
+            Chain(
+                "lan_tproxy",
+                "filter",
+                "prerouting",
+                "mangle",
+                rules=[
+                    only_lan,
+                    *_skip_rules(s.ipv6),
+                    # packets of connections already handed over: mark them for local delivery
+                    f"meta l4proto tcp socket transparent 1 meta mark set {mark} accept",
+                    f"meta l4proto tcp tproxy to :{s.port} meta mark set {mark} accept",
+                ],
+                comment="the LAN's TCP to the mptun client's --tproxy port",
+            )
+        )
+        if dns_rule:
+            chains.append(
+                Chain("lan_dns", "nat", "prerouting", "dstnat", rules=[only_lan, dns_rule])
+            )
+    if s.block_quic:
+        chains.append(
+            Chain(
+                "lan_block_quic",
+                "filter",
+                "forward",
+                "filter",
+                rules=["iifname @lan_ifaces udp dport 443 reject"],
+                comment="QUIC is UDP and would bypass the tunnel: refuse it so browsers use TCP",
+            )
+        )
+    return Table("inet", s.table, sets, chains, _header(s))
+
+
+def _header(s: GatewaySettings) -> list[str]:
+    lines = [
+        "mptun gateway ruleset (generated by `mptun nft`). Load: nft -f FILE",
+        f"Remove: nft delete table inet {s.table}",
+    ]
+    if s.mode == "tproxy":
+        lines += [
+            "tproxy also needs policy routing that delivers marked packets locally:",
+            f"  ip rule add fwmark {s.mark:#x} lookup {s.route_table}",
+            f"  ip route add local 0.0.0.0/0 dev lo table {s.route_table}",
+        ]
+        if s.ipv6:
+            lines += [
+                f"  ip -6 rule add fwmark {s.mark:#x} lookup {s.route_table}",
+                f"  ip -6 route add local ::/0 dev lo table {s.route_table}",
+            ]
+    return lines
+
+
+def policy_routing_commands(s: GatewaySettings) -> list[list[str]]:
+    """The `ip` commands tproxy mode needs (the ruleset's header says the same)."""
+    cmds = [
+        ["ip", "rule", "add", "fwmark", f"{s.mark:#x}", "lookup", str(s.route_table)],
+        ["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", str(s.route_table)],
+    ]
+    if s.ipv6:
+        cmds += [
+            ["ip", "-6", "rule", "add", "fwmark", f"{s.mark:#x}", "lookup", str(s.route_table)],
+            ["ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", str(s.route_table)],
+        ]
+    return cmds
+
+
+def render_gateway(s: GatewaySettings, replace: bool = True) -> str:
+    """The ruleset text for `s` (the function the OpenWrt package calls)."""
+    return gateway_table(s).render(replace)

@@ -1,0 +1,198 @@
+"""`mptun nft`: print (and optionally check) the gateway ruleset for the router."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import subprocess
+
+import click
+
+from mptun.client.nftables import (
+    DEFAULT_BYPASS,
+    DEFAULT_LAN,
+    DEFAULT_MARK,
+    DEFAULT_ROUTE_TABLE,
+    DEFAULT_TABLE,
+    GatewaySettings,
+    IPAddress,
+    parse_networks,
+    render_gateway,
+)
+from mptun.common.address import Address
+from mptun.common.errors import ConfigError, MptunError
+from mptun.options import config_option, env
+
+
+def _server_addresses(values: tuple[str, ...]) -> list[IPAddress]:
+    """The VPS addresses for the ruleset: literal IPs as given, names resolved now."""
+    out: list[IPAddress] = []
+    for value in values:
+        text = value.strip()
+        try:
+            host: str | IPAddress = ipaddress.ip_address(text)
+        except ValueError:
+            try:
+                host = Address.parse(text, default_port=0).host
+            except MptunError as e:
+                raise ConfigError(f"--server: {e}") from None
+        if not isinstance(host, str):
+            ips: list[IPAddress] = [host]
+        else:
+            try:
+                infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            except OSError as e:
+                raise ConfigError(f"--server {host}: cannot resolve: {e.strerror}") from None
+            ips = [ipaddress.ip_address(sa[0].split("%")[0]) for *_, sa in infos]
+        out += [ip for ip in ips if ip not in out]
+    return out
+
+
+@click.command()
+@config_option
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    required=True,
+    envvar=env("port"),
+    help="The mptun client's --redir port (--tproxy port with --mode tproxy).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["redirect", "tproxy"]),
+    default="redirect",
+    show_default=True,
+    envvar=env("mode"),
+    help="redirect: nat REDIRECT (pairs with --redir); tproxy: nftables tproxy and policy "
+    "routing (pairs with --tproxy).",
+)
+@click.option(
+    "--server",
+    "servers",
+    multiple=True,
+    required=True,
+    envvar=env("server"),
+    help="The VPS server (HOST or HOST:PORT; names are resolved now): never redirected "
+    "(repeatable).",
+)
+@click.option(
+    "--lan",
+    multiple=True,
+    default=DEFAULT_LAN,
+    show_default=True,
+    envvar=env("lan"),
+    help="LAN interface whose TCP is redirected (repeatable).",
+)
+@click.option(
+    "--bypass",
+    multiple=True,
+    envvar=env("bypass"),
+    help="Destination CIDR reached directly, not through the tunnel (repeatable; added to the "
+    "defaults).",
+)
+@click.option(
+    "--default-bypass/--no-default-bypass",
+    default=True,
+    show_default=True,
+    envvar=env("default-bypass"),
+    help="Bypass loopback, private (RFC 1918, fc00::/7), shared, link-local, multicast and "
+    "reserved ranges.",
+)
+@click.option(
+    "--dns-port",
+    type=click.IntRange(1, 65535),
+    envvar=env("dns-port"),
+    help="Redirect the LAN's DNS (UDP and TCP port 53, to any address) to the client's --dns port.",
+)
+@click.option(
+    "--block-quic",
+    is_flag=True,
+    default=False,
+    envvar=env("block-quic"),
+    help="Reject UDP port 443 from the LAN, so browsers use TCP (which is tunneled) over QUIC.",
+)
+@click.option(
+    "--ipv6/--no-ipv6",
+    default=True,
+    show_default=True,
+    envvar=env("ipv6"),
+    help="Redirect IPv6 too (the client must listen on an IPv6 or dual-stack address).",
+)
+@click.option(
+    "--table",
+    default=DEFAULT_TABLE,
+    show_default=True,
+    envvar=env("table"),
+    help="Name of the nftables table (family inet).",
+)
+@click.option(
+    "--mark",
+    type=click.IntRange(1, 0xFFFFFFFF),
+    default=DEFAULT_MARK,
+    show_default=True,
+    envvar=env("mark"),
+    help="tproxy: packet mark that routes handed-over packets to this host.",
+)
+@click.option(
+    "--route-table",
+    type=click.IntRange(1, 0xFFFFFFFE),
+    default=DEFAULT_ROUTE_TABLE,
+    show_default=True,
+    envvar=env("route-table"),
+    help="tproxy: routing table of the local-delivery route.",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    default=False,
+    envvar=env("check"),
+    help="Also check the ruleset with `nft -c` (needs nft and privileges); exit 1 if it fails.",
+)
+def nft(
+    port,
+    mode,
+    servers,
+    lan,
+    bypass,
+    default_bypass,
+    dns_port,
+    block_quic,
+    ipv6,
+    table,
+    mark,
+    route_table,
+    check,
+) -> None:
+    """Print the nftables ruleset of router gateway mode (load it with `nft -f`)."""
+    nets = parse_networks(DEFAULT_BYPASS if default_bypass else ())
+    nets += parse_networks(bypass)
+    settings = GatewaySettings(
+        port=port,
+        mode=mode,
+        lan_interfaces=list(lan),
+        servers=_server_addresses(servers),
+        bypass=nets,
+        dns_port=dns_port,
+        block_quic=block_quic,
+        ipv6=ipv6,
+        table=table,
+        mark=mark,
+        route_table=route_table,
+    )
+    text = render_gateway(settings)
+    if check:
+        check_ruleset(text)
+    click.echo(text, nl=False)
+
+
+def check_ruleset(text: str) -> None:
+    """Run `nft -c -f -` on the text; raise MptunError with nft's complaint if it fails."""
+    try:
+        r = subprocess.run(
+            ["nft", "-c", "-f", "-"], input=text, capture_output=True, text=True, timeout=30
+        )
+    except FileNotFoundError:
+        raise MptunError("--check: nft is not installed") from None
+    if r.returncode != 0:
+        first = (r.stderr.strip() or f"exit {r.returncode}").splitlines()[0]
+        raise MptunError(f"nft -c rejected the ruleset: {first}")

@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the tests (and the demo) use; only missing ones are installed.
-APT_PACKAGES := iproute2 procps curl nftables iperf3 kmod faketime shellcheck systemd util-linux
+APT_PACKAGES := iproute2 procps curl nftables iperf3 kmod faketime shellcheck systemd util-linux dnsmasq-base bind9-dnsutils
 PYTEST_ARGS ?= --durations=25
 
 .PHONY: demo test deps venv lint format bench clean

@@ -231,6 +231,7 @@ def client(
             DnsCache(max_entries=dns_cache),
             max_inflight=dns_max_inflight,
             timeout=dns_timeout,
+            counters=dialer.counters,
         )
         listeners.append(ListenerSpec(dns, DnsTcpHandler(forwarder)))
         services.append(DnsUdpServer(dns, forwarder))

@@ -82,10 +82,12 @@ class DnsForwarder:
         max_inflight: int = 64,
         max_pending: int = 512,
         timeout: float = 5.0,
+        counters: Counter[str] | None = None,
     ) -> None:
         self.exchange, self.cache = exchange, cache
         self.max_inflight, self.max_pending, self.timeout = max_inflight, max_pending, timeout
-        self.counters: Counter[str] = Counter()
+        # shared with the Dialer's in the client, so --stats-file shows them; keys start "dns-"
+        self.counters: Counter[str] = Counter() if counters is None else counters
         self._slots = asyncio.Semaphore(max_inflight)
         self._inflight: dict[object, asyncio.Future[tuple[bytes, dns.Message] | None]] = {}
         self._active = 0
@@ -97,30 +99,30 @@ class DnsForwarder:
         try:
             query = dns.parse(raw)
         except ProtocolError as e:
-            self.counters["malformed"] += 1
+            self.counters["dns-malformed"] += 1
             self._bad_log("dns %s: dropped: %s", source, e)
             return None
         if query.is_response:
-            self.counters["malformed"] += 1
+            self.counters["dns-malformed"] += 1
             return None
         key = cache_key(query)
         if key is None:
-            self.counters["not-implemented"] += 1
+            self.counters["dns-not-implemented"] += 1
             rcode = dns.Rcode.NOTIMP if query.opcode else dns.Rcode.FORMERR
             return dns.reply_header_only(raw, query, rcode)
         hit = self.cache.get(key, query.id)
         if hit is not None:
-            self.counters["cache-hit"] += 1
+            self.counters["dns-cache-hit"] += 1
             return hit
         if self._active >= self.max_pending:
-            self.counters["overload"] += 1
+            self.counters["dns-overload"] += 1
             self._fail_log("dns %s: %d queries waiting: answering SERVFAIL", source, self._active)
             return dns.reply_header_only(raw, query, dns.Rcode.SERVFAIL)
         self._active += 1
         try:
             shared = self._inflight.get(key)
             if shared is not None:
-                self.counters["coalesced"] += 1
+                self.counters["dns-coalesced"] += 1
                 result = await asyncio.shield(shared)
             else:
                 result = await self._ask_upstream(key, raw, query, source)
@@ -144,11 +146,11 @@ class DnsForwarder:
             msg = dns.parse(answer)
             if not msg.is_response or msg.id != query.id or msg.questions != query.questions:
                 raise UpstreamError("the answer does not match the question")
-            self.counters["upstream"] += 1
+            self.counters["dns-upstream"] += 1
             self.cache.put(key, answer, msg)  # type: ignore[arg-type]
             result = (answer, msg)
         except (UpstreamError, ProtocolError, OSError, TimeoutError) as e:
-            self.counters["upstream-failed"] += 1
+            self.counters["dns-upstream-failed"] += 1
             name = query.questions[0].text
             why = "timed out" if isinstance(e, TimeoutError) else str(e)
             self._fail_log("dns %s %s: upstream failed: %s; answering SERVFAIL", source, name, why)
@@ -265,7 +267,7 @@ class DnsUdpServer:
             except OSError:
                 continue  # an ICMP error for an earlier answer: nothing to do
             if len(self.tasks) >= self.forwarder.max_pending:
-                self.forwarder.counters["udp-dropped"] += 1
+                self.forwarder.counters["dns-udp-dropped"] += 1
                 continue
             local = _pktinfo(ancdata) if self._pktinfo else None
             task = self._loop.create_task(self._answer(data, addr, local))
@@ -280,14 +282,14 @@ class DnsUdpServer:
             limit = dns.parse(data).udp_limit
             if len(reply) > limit:
                 reply = dns.truncated_for_udp(reply, dns.parse(reply), limit)
-                self.forwarder.counters["udp-truncated"] += 1
+                self.forwarder.counters["dns-udp-truncated"] += 1
         except ProtocolError:
             return
         cmsg = [] if local is None else [local]
         try:
             self.sock.sendmsg([reply], cmsg, 0, addr)
         except OSError:
-            self.forwarder.counters["udp-send-failed"] += 1
+            self.forwarder.counters["dns-udp-send-failed"] += 1
 
     def close(self) -> None:
         if self.sock is not None and self._loop is not None:

@@ -21,7 +21,7 @@ from mptun.client.nftables import (
 )
 from mptun.common.address import Address
 from mptun.common.errors import ConfigError, MptunError
-from mptun.options import config_option, env
+from mptun.options import config_option, env, uci_option
 
 
 def _server_addresses(values: tuple[str, ...]) -> list[IPAddress]:
@@ -50,6 +50,7 @@ def _server_addresses(values: tuple[str, ...]) -> list[IPAddress]:
 
 @click.command()
 @config_option
+@uci_option
 @click.option(
     "--port",
     type=click.IntRange(1, 65535),
@@ -68,7 +69,6 @@ def _server_addresses(values: tuple[str, ...]) -> list[IPAddress]:
 )
 @click.option(
     "--server",
-    "servers",
     multiple=True,
     required=True,
     envvar=env("server"),
@@ -151,7 +151,7 @@ def _server_addresses(values: tuple[str, ...]) -> list[IPAddress]:
 def nft(
     port,
     mode,
-    servers,
+    server,
     lan,
     bypass,
     default_bypass,
@@ -170,7 +170,7 @@ def nft(
         port=port,
         mode=mode,
         lan_interfaces=list(lan),
-        servers=_server_addresses(servers),
+        servers=_server_addresses(server),
         bypass=nets,
         dns_port=dns_port,
         block_quic=block_quic,

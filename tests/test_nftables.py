@@ -162,6 +162,29 @@ def test_cli_prints_the_ruleset_and_rejects_bad_input():
         assert len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
 
 
+def test_cli_reads_uci_and_toml(tmp_path):
+    uci = tmp_path / "mptun"
+    uci.write_text(
+        "config nft 'nft'\n"
+        "\toption port '1081'\n"
+        "\tlist server '203.0.113.100'\n"
+        "\tlist lan 'br-lan'\n"
+        "\tlist lan 'lan2'\n"
+        "\toption block_quic '1'\n"
+        "\toption default_bypass '0'\n"
+        "\tlist bypass '10.0.0.0/8'\n"
+    )
+    r = run_mptun("nft", "--uci", str(uci))
+    assert r.returncode == 0, r.stderr
+    assert 'elements = { "br-lan", "lan2" }' in r.stdout and "redirect to :1081" in r.stdout
+    assert "elements = { 10.0.0.0/8 }" in r.stdout and "lan_block_quic" in r.stdout
+    toml = tmp_path / "c.toml"
+    toml.write_text('[nft]\nport = 1082\nserver = ["fd00:ff::100"]\nipv6 = true\n')
+    r = run_mptun("nft", "--config", str(toml))
+    assert r.returncode == 0, r.stderr
+    assert "elements = { fd00:ff::100 }" in r.stdout and "redirect to :1082" in r.stdout
+
+
 @pytest.mark.root
 @pytest.mark.netns
 def test_every_variant_passes_nft_check():

@@ -83,6 +83,12 @@ class Dialer:
         self._silent_log = BurstLog(log, logging.WARNING, interval=60.0)
         self._warned_fallback = False
         self._keepalive_warned = False
+        # Fail fast while the server is down: after a failed connect, new tunnels fail at once for
+        # `down_hold` seconds and while one retry is under way, instead of each one waiting out
+        # --connect-timeout (a blackholed VPS would hang every redirected connection for it).
+        self.down_hold = 1.0
+        self._failed_at: float | None = None
+        self._retrying = False
 
     def next_id(self) -> str:
         self._ids += 1
@@ -90,6 +96,27 @@ class Dialer:
 
     async def open(self, loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, bool | None]:
         """Connect a tunnel socket to the server; raise TunnelError when it cannot."""
+        if self._failed_at is not None and (
+            self._retrying or time.monotonic() - self._failed_at < self.down_hold
+        ):
+            raise TunnelError(
+                f"server {self.config.server} unreachable (failing fast until a retry connects)",
+                Status.CONNECT,
+            )
+        retry = self._failed_at is not None
+        self._retrying = retry
+        try:
+            result = await self._open(loop)
+        except TunnelError:
+            self._failed_at = time.monotonic()
+            raise
+        finally:
+            if retry:
+                self._retrying = False
+        self._failed_at = None
+        return result
+
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, bool | None]:
         server = self.config.server
         if server.is_domain:
             try:

@@ -478,3 +478,59 @@ def test_forward_fixed_targets(gw: Gateway):
             assert hashlib.sha256(r.stdout).hexdigest() == sha256_of_stream(100_000, 3)
             seen = wait_for(lambda b=before: g.sources("http", "http")[b:], "the HTTP log")
             assert seen[0] == str(via)
+
+
+def test_blackholed_server_fails_fast_after_the_first_timeout(gw: Gateway):
+    """The VPS drops the tunnel's SYNs: the first connection waits --connect-timeout, the next
+    ones are reset at once until a retry gets through; when the VPS answers again, it does."""
+    drop = ["nft", "add", "rule", "inet", "blackhole", "input", "tcp", "dport", str(SERVER_PORT)]
+    gw.vps.exec("nft", "add", "table", "inet", "blackhole")
+    gw.vps.exec(
+        "nft", "add", "chain", "inet", "blackhole", "input",
+        "{ type filter hook input priority 0; policy accept; }",
+    )  # fmt: skip
+    gw.vps.exec(*drop, "drop")
+    try:
+        args = ["--redir", f"[::]:{REDIR_PORT}", "--connect-timeout", "2"]
+        with running_client(gw, *args, port=REDIR_PORT) as g:
+            g.load_rules("--port", str(REDIR_PORT))
+            first = tcp_outcome(g.lan, str(INET_HOST_V4), HTTP_PORT).split()
+            assert first[0] == "reset" and 1.5 < float(first[1]) < 5, first
+            burst = concurrent_outcomes(g.lan, str(INET_HOST_V4), HTTP_PORT, 10)
+            assert all(o[0] == "reset" and o[1] < 1.0 for o in burst), burst
+            lines = [ln for ln in g.log("client").splitlines() if "unreachable" in ln]
+            assert len(lines) == 1, lines
+            gw.vps.exec("nft", "delete", "table", "inet", "blackhole")
+
+            def through() -> bool:
+                return tcp_outcome(g.lan, str(INET_HOST_V4), HTTP_PORT).startswith("data")
+
+            wait_for(through, "a tunnel once the VPS answers again", timeout=15)
+    finally:
+        gw.vps.exec("nft", "delete", "table", "inet", "blackhole", check=False)
+
+
+def concurrent_outcomes(ns: Netns, host: str, port: int, n: int) -> list[tuple[str, float]]:
+    """`n` connections at once from `ns`: how each ended and after how many seconds."""
+    code = (
+        "import socket, sys, threading, time\n"
+        "h, p, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
+        "out = []\n"
+        "def one():\n"
+        "    t = time.monotonic()\n"
+        "    try:\n"
+        "        s = socket.create_connection((h, p), timeout=20)\n"
+        "        s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
+        "        r = 'data' if s.recv(100) else 'eof'\n"
+        "    except (ConnectionResetError, BrokenPipeError):\n"
+        "        r = 'reset'\n"
+        "    except TimeoutError:\n"
+        "        r = 'timeout'\n"
+        "    out.append(f'{r} {time.monotonic() - t:.3f}')\n"
+        "ts = [threading.Thread(target=one) for _ in range(n)]\n"
+        "[t.start() for t in ts]\n"
+        "[t.join() for t in ts]\n"
+        "print('\\n'.join(out))\n"
+    )
+    out = ns.exec(sys.executable, "-c", code, host, str(port), str(n)).stdout.split("\n")
+    return [(line.split()[0], float(line.split()[1])) for line in out if line.strip()]

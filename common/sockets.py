@@ -213,15 +213,23 @@ async def resolve(
 
 
 def is_local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """True if `ip` is one of this host's addresses: bind() to it succeeds only then."""
-    s = socket.socket(family_of(ip), socket.SOCK_STREAM)
+    """True if `ip` is one of this host's addresses, asked of the routing table.
+
+    A UDP connect() does a route lookup without sending anything; for an address of this host it
+    hits the `local` table, whose routes carry the address itself as preferred source. (A bind()
+    test would be wrong where net.ipv4.ip_nonlocal_bind=1 lets any address bind.)
+    """
+    if ip.is_unspecified:
+        return True
+    s = socket.socket(family_of(ip), socket.SOCK_DGRAM)
     try:
-        s.bind((str(ip), 0))
+        s.connect((str(ip), 9))
+        src = ipaddress.ip_address(s.getsockname()[0].split("%")[0])
     except OSError:
-        return False
+        return False  # no route: certainly not ours
     finally:
         s.close()
-    return True
+    return src == ip
 
 
 def set_transparent(sock: socket.socket) -> None:

@@ -162,3 +162,21 @@ def test_tcp_fallback_when_mptcp_disabled(tmp_path: Path, key_file: Path):
     assert "MPTCP unavailable" in s and "listening on 127.0.0.1:8443 (TCP" in s
     assert "MPTCP unavailable" in c and c.count("MPTCP unavailable") == 1
     assert " tcp -> " in c and " tcp -> " in s
+
+
+def test_own_address_check_ignores_nonlocal_bind():
+    """With ip_nonlocal_bind=1 any address binds; the own-address check must still be right."""
+    code = (
+        "import ipaddress as i; from mptun.common.sockets import is_local_address as f; "
+        "print(f(i.ip_address('198.51.100.7')), f(i.ip_address('198.51.100.1')), "
+        "f(i.ip_address('fd00:5::1')), f(i.ip_address('fd00:5::9')))"
+    )
+    with Netns("ownaddr") as ns:
+        ns.sysctl("net.ipv4.ip_nonlocal_bind", 1)
+        ns.sysctl("net.ipv6.ip_nonlocal_bind", 1)
+        ns.ip("link", "add", "name", "v0", "type", "veth", "peer", "name", "v1")
+        ns.ip("link", "set", "v0", "up")
+        ns.ip("addr", "add", "198.51.100.1/24", "dev", "v0")
+        ns.ip("-6", "addr", "add", "fd00:5::1/64", "dev", "v0", "nodad")
+        out = ns.exec(sys.executable, "-c", code).stdout.split()
+    assert out == ["False", "True", "True", "False"]

@@ -1,11 +1,22 @@
-"""The `copy` engine: recv_into a preallocated buffer, send from it. The portable fallback."""
+"""The `copy` engine: recv_into a buffer, send from it. The portable fallback.
+
+The buffer is allocated at the first read, so idle connections cost no user-space memory.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 
-from mptun.common.relay.base import PLAIN, Pump, Relay, RelayStats, Session, require_plain
+from mptun.common.relay.base import (
+    PLAIN,
+    Coalescing,
+    Pump,
+    Relay,
+    RelayStats,
+    Session,
+    require_plain,
+)
 
 DEFAULT_BUFFER = 256 * 1024
 
@@ -13,8 +24,8 @@ DEFAULT_BUFFER = 256 * 1024
 class CopyPump(Pump):
     def __init__(self, relay: Relay, src, dst, name: str, size: int) -> None:
         super().__init__(relay, src, dst, name)
-        self.buf = bytearray(size)
-        self.view = memoryview(self.buf)
+        self.size = size
+        self.view: memoryview | None = None
         self.start_ = 0
         self.end = 0
 
@@ -24,14 +35,17 @@ class CopyPump(Pump):
 
     @property
     def space(self) -> int:
-        return len(self.buf) - self.end
+        return self.size - self.end
 
     def fill(self) -> int:
+        if self.view is None:
+            self.view = memoryview(bytearray(self.size))
         n = self.src.recv_into(self.view[self.end :])
         self.end += n
         return n
 
     def drain(self) -> int:
+        assert self.view is not None
         n = self.dst.send(self.view[self.start_ : self.end])
         self.start_ += n
         self.moved += n
@@ -40,7 +54,8 @@ class CopyPump(Pump):
         return n
 
     def release(self) -> None:
-        self.view.release()
+        if self.view is not None:
+            self.view.release()
 
 
 class CopyEngine:
@@ -48,8 +63,11 @@ class CopyEngine:
 
     name = "copy"
 
-    def __init__(self, buffer_size: int = DEFAULT_BUFFER) -> None:
+    def __init__(
+        self, buffer_size: int = DEFAULT_BUFFER, coalescing: Coalescing | None = None
+    ) -> None:
         self.buffer_size = buffer_size
+        self.coalescing = coalescing if coalescing is not None else Coalescing()
 
     async def relay(
         self,
@@ -60,7 +78,7 @@ class CopyEngine:
         session: Session = PLAIN,
     ) -> RelayStats:
         require_plain(self.name, session)
-        r = Relay(loop, inner, tunnel, self.name, idle_timeout)
+        r = Relay(loop, inner, tunnel, self.name, idle_timeout, self.coalescing)
         r.add_pumps(
             CopyPump(r, inner, tunnel, "inner", self.buffer_size),
             CopyPump(r, tunnel, inner, "tunnel", self.buffer_size),

@@ -17,13 +17,14 @@ from mptun.common import runtime
 from mptun.common.crypto import cipher_by_name
 from mptun.common.errors import ConfigError
 from mptun.common.handshake import WireMode
-from mptun.common.relay import choose_bulk, choose_engine
+from mptun.common.relay import Coalescing, choose_bulk, choose_engine
 from mptun.common.stats import StatsDump
 from mptun.options import (
     ForwardPair,
     HostPort,
     bulk_option,
     cipher_option,
+    coalesce_option,
     config_option,
     env,
     key_options,
@@ -128,6 +129,7 @@ from mptun.options import (
 @transport_option
 @relay_option
 @bulk_option
+@coalesce_option
 @timeout_option("connect-timeout", 10.0, "Seconds to connect to the server.")
 @timeout_option(
     "handshake-timeout", 15.0, "Seconds for the server's answer (includes its connect)."
@@ -185,6 +187,7 @@ def client(
     transport,
     relay,
     bulk,
+    coalesce_ms,
     connect_timeout,
     handshake_timeout,
     idle_timeout,
@@ -199,12 +202,18 @@ def client(
     credentials = (socks_user, socks_password) if socks_user is not None else None
     if dns is not None and dns_upstream is None:
         raise ConfigError("--dns needs --dns-upstream (the resolver to ask through the tunnel)")
+    coalescing = Coalescing(delay=coalesce_ms / 1000)
     dialer = Dialer(
         TunnelConfig(
             server=server,
             psk=resolve_key(ctx, key_file),
             cipher=cipher_by_name(cipher),
-            engine=choose_bulk(bulk, choose_engine(relay), mptcp=transport == "mptcp"),
+            engine=choose_bulk(
+                bulk,
+                choose_engine(relay, coalescing),
+                mptcp=transport == "mptcp",
+                coalescing=coalescing,
+            ),
             mptcp=transport == "mptcp",
             mode=WireMode.PLAIN if bulk == "plain" else WireMode.ENCRYPTED,
             connect_timeout=connect_timeout,

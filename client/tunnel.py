@@ -267,7 +267,7 @@ class Dialer:
         if not stats.clean and stats.status is not None:
             self.counters[stats.status.value] += 1
         log.info(
-            "%s %s closed after %.1f s: up %s, down %s, %s, %s",
+            "%s %s closed after %.1f s: up %s, down %s, %s, %s (%d reads)",
             cid,
             target,
             stats.seconds,
@@ -275,6 +275,7 @@ class Dialer:
             human_bytes(stats.from_tunnel),
             stats.engine,
             "clean" if stats.clean else f"reset ({stats.error})",
+            stats.reads,
         )
 
     async def _encrypted_session(

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from mptun import __version__
+from mptun.bench.cli import bench
 from mptun.client.cli import client
 from mptun.client.nftcli import nft
 from mptun.common.crypto import generate_key
@@ -72,6 +73,7 @@ cli.add_command(server)
 cli.add_command(client)
 cli.add_command(uci_command)
 cli.add_command(nft)
+cli.add_command(bench)
 
 
 def main(argv: list[str] | None = None) -> None:

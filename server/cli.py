@@ -10,7 +10,7 @@ import click
 from mptun.common import runtime
 from mptun.common.crypto import cipher_by_name
 from mptun.common.errors import MptunError
-from mptun.common.relay import choose_bulk, choose_engine
+from mptun.common.relay import Coalescing, choose_bulk, choose_engine
 from mptun.common.replay import DEFAULT_CAPACITY, DEFAULT_WINDOW
 from mptun.common.stats import StatsDump
 from mptun.options import (
@@ -18,6 +18,7 @@ from mptun.options import (
     ReloadableCommand,
     bulk_option,
     cipher_option,
+    coalesce_option,
     config_option,
     env,
     key_options,
@@ -60,6 +61,7 @@ log = logging.getLogger("mptun.server")
 @transport_option
 @relay_option
 @bulk_option
+@coalesce_option
 @timeout_option("handshake-timeout", 10.0, "Seconds from accept to a complete first flight.")
 @timeout_option("connect-timeout", 10.0, "Seconds to resolve and connect to a target.")
 @click.option(
@@ -124,11 +126,17 @@ def server(ctx: click.Context, **_: object) -> None:
 def build_config(ctx: click.Context) -> ServerConfig:
     """The server's configuration from a parsed context (at start and on SIGHUP)."""
     p = ctx.params
+    coalescing = Coalescing(delay=p["coalesce_ms"] / 1000)
     return ServerConfig(
         listen=p["listen"],
         psk=resolve_key(ctx, p["key_file"]),
         cipher=cipher_by_name(p["cipher"]),
-        engine=choose_bulk(p["bulk"], choose_engine(p["relay"]), mptcp=p["transport"] == "mptcp"),
+        engine=choose_bulk(
+            p["bulk"],
+            choose_engine(p["relay"], coalescing),
+            mptcp=p["transport"] == "mptcp",
+            coalescing=coalescing,
+        ),
         accept_plain=p["bulk"] == "plain",
         policy=TargetPolicy(allow=parse_cidrs(p["allow_target"]), allow_private=p["allow_private"]),
         mptcp=p["transport"] == "mptcp",

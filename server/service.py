@@ -349,7 +349,7 @@ class Server:
         if not stats.clean:
             self._count(stats.status or Status.RELAY)
         log.info(
-            "%s %s closed after %.1f s: to client %s, to target %s, %s, %s",
+            "%s %s closed after %.1f s: to client %s, to target %s, %s, %s (%d reads)",
             cid,
             request.target,
             stats.seconds,
@@ -357,6 +357,7 @@ class Server:
             human_bytes(stats.from_tunnel + len(request.early_data)),
             stats.engine,
             "clean" if stats.clean else f"reset ({stats.error})",
+            stats.reads,
         )
 
     def _tune_tunnel(self, sock: socket.socket) -> None:

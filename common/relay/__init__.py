@@ -8,7 +8,7 @@ an engine the wire mode, the side and the keys.
 """
 
 from mptun.common.relay.aead import AeadEngine
-from mptun.common.relay.base import PLAIN, Engine, RelayStats, Session, Side
+from mptun.common.relay.base import PLAIN, Coalescing, Engine, RelayStats, Session, Side
 from mptun.common.relay.bulk import BULK_CHOICES, AutoEngine, ByMode, choose_bulk
 from mptun.common.relay.copy import CopyEngine
 from mptun.common.relay.ktls import KtlsEngine
@@ -21,6 +21,7 @@ __all__ = [
     "AeadEngine",
     "AutoEngine",
     "ByMode",
+    "Coalescing",
     "CopyEngine",
     "Engine",
     "KtlsEngine",

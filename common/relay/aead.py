@@ -31,7 +31,7 @@ from mptun.common.records import (
     Sealer,
     sealed_length,
 )
-from mptun.common.relay.base import PLAIN, Pump, Relay, RelayStats, Session
+from mptun.common.relay.base import PLAIN, Coalescing, Pump, Relay, RelayStats, Session
 
 DEFAULT_SLOTS = 16  # records per read: 256 KiB
 
@@ -160,9 +160,15 @@ class AeadEngine:
 
     name = "aead"
 
-    def __init__(self, slots: int = DEFAULT_SLOTS, record_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        slots: int = DEFAULT_SLOTS,
+        record_limit: int | None = None,
+        coalescing: Coalescing | None = None,
+    ) -> None:
         self.slots = slots
         self.record_limit = record_limit  # None: the cipher's limit (tests lower it)
+        self.coalescing = coalescing if coalescing is not None else Coalescing()
 
     async def relay(
         self,
@@ -173,7 +179,7 @@ class AeadEngine:
         session: Session = PLAIN,
     ) -> RelayStats:
         sealer, opener = session.sealer(self.record_limit), session.opener()
-        r = Relay(loop, inner, tunnel, self.name, idle_timeout)
+        r = Relay(loop, inner, tunnel, self.name, idle_timeout, self.coalescing)
         r.add_pumps(
             SealPump(r, inner, tunnel, "inner", sealer, self.slots),
             OpenPump(r, tunnel, inner, "tunnel", opener, self.slots * MAX_PLAINTEXT),

@@ -16,7 +16,7 @@ from mptun.common import ktls
 from mptun.common.errors import ConfigError
 from mptun.common.handshake import WireMode
 from mptun.common.relay.aead import AeadEngine
-from mptun.common.relay.base import PLAIN, Engine, RelayStats, Session
+from mptun.common.relay.base import PLAIN, Coalescing, Engine, RelayStats, Session
 from mptun.common.relay.ktls import KtlsEngine
 from mptun.common.relay.splice import SpliceEngine
 
@@ -87,7 +87,9 @@ class ByMode:
         return await engine.relay(loop, inner, tunnel, idle_timeout, session=session)
 
 
-def encrypted_engine(bulk: str, mptcp: bool) -> tuple[Engine, str]:
+def encrypted_engine(
+    bulk: str, mptcp: bool, coalescing: Coalescing | None = None
+) -> tuple[Engine, str]:
     """The engine for encrypted tunnels under `--bulk`, and one line saying which and why.
 
     A forced ktls is checked against the kernel here, so a refusal is a startup error.
@@ -95,17 +97,19 @@ def encrypted_engine(bulk: str, mptcp: bool) -> tuple[Engine, str]:
     if bulk not in BULK_CHOICES:
         raise ConfigError(f"unknown bulk mode {bulk!r} (choose from {', '.join(BULK_CHOICES)})")
     if bulk == "aead":
-        return AeadEngine(), "bulk aead: records sealed in user space (forced)"
+        return AeadEngine(coalescing=coalescing), "bulk aead: records sealed in user space (forced)"
     tcp_refusal = ktls.probe(mptcp=False)
     if bulk == "ktls":
         why = tcp_refusal or (ktls.probe(mptcp=True) if mptcp else None)
         if why:
             hint = "; use --transport tcp" if mptcp and not tcp_refusal else ""
             raise ConfigError(f"--bulk ktls: {why}{hint} (or --bulk auto to fall back to aead)")
-        return KtlsEngine(), "bulk ktls: records sealed by the kernel (forced)"
+        return KtlsEngine(coalescing=coalescing), "bulk ktls: records sealed by the kernel (forced)"
     # auto (and plain, whose servers still accept encrypted tunnels)
     if tcp_refusal:
-        return AutoEngine(AeadEngine(), None), f"bulk auto: aead ({tcp_refusal})"
+        return AutoEngine(
+            AeadEngine(coalescing=coalescing), None
+        ), f"bulk auto: aead ({tcp_refusal})"
     mptcp_refusal = ktls.probe(mptcp=True) if mptcp else None
     if mptcp_refusal:
         why = (
@@ -114,9 +118,15 @@ def encrypted_engine(bulk: str, mptcp: bool) -> tuple[Engine, str]:
         )
     else:
         why = f"bulk auto: ktls (the kernel takes kTLS on {'MPTCP' if mptcp else 'TCP'} sockets)"
-    return AutoEngine(AeadEngine(), KtlsEngine()), why
+    return AutoEngine(AeadEngine(coalescing=coalescing), KtlsEngine(coalescing=coalescing)), why
 
 
-def choose_bulk(bulk: str, plain: Engine | None = None, mptcp: bool = True) -> ByMode:
+def choose_bulk(
+    bulk: str,
+    plain: Engine | None = None,
+    mptcp: bool = True,
+    coalescing: Coalescing | None = None,
+) -> ByMode:
     """Everything a client or server relays with, from `--bulk` and the plain relay engine."""
-    return ByMode(plain or SpliceEngine(), *encrypted_engine(bulk, mptcp))
+    plain = plain or SpliceEngine(coalescing=coalescing)
+    return ByMode(plain, *encrypted_engine(bulk, mptcp, coalescing))

@@ -16,7 +16,7 @@ import socket
 from mptun.common import ktls
 from mptun.common.errors import ProtocolError, Status
 from mptun.common.records import MAX_PLAINTEXT, RecordLimitReached, record_limit
-from mptun.common.relay.base import PLAIN, Relay, RelayStats, Session
+from mptun.common.relay.base import PLAIN, Coalescing, Relay, RelayStats, Session
 from mptun.common.relay.splice import DEFAULT_PIPE_SIZE, SplicePump
 from mptun.common.sockets import reset
 
@@ -71,9 +71,15 @@ class KtlsEngine:
 
     name = "ktls"
 
-    def __init__(self, pipe_size: int = DEFAULT_PIPE_SIZE, record_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        pipe_size: int = DEFAULT_PIPE_SIZE,
+        record_limit: int | None = None,
+        coalescing: Coalescing | None = None,
+    ) -> None:
         self.pipe_size = pipe_size
         self.record_limit = record_limit
+        self.coalescing = coalescing if coalescing is not None else Coalescing()
 
     def install(self, tunnel: socket.socket, session: Session) -> None:
         """Hand the session's keys to the kernel; raises ktls.KtlsRefused."""
@@ -93,7 +99,7 @@ class KtlsEngine:
         installed: bool = False,
     ) -> RelayStats:
         """Relay; `installed` when the caller already ran `install` (the auto engine does)."""
-        r = Relay(loop, inner, tunnel, self.name, idle_timeout)
+        r = Relay(loop, inner, tunnel, self.name, idle_timeout, self.coalescing)
         session.tx_key_iv()  # an encrypted session, or UsageError
         if not installed:
             try:

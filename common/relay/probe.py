@@ -6,6 +6,7 @@ import os
 import socket
 
 from mptun.common.errors import ConfigError
+from mptun.common.relay.base import Coalescing
 from mptun.common.relay.copy import CopyEngine
 from mptun.common.relay.splice import SpliceEngine, make_pipe
 
@@ -34,14 +35,16 @@ def available_engines() -> list[str]:
     return (["splice"] if splice_works() else []) + ["copy"]
 
 
-def choose_engine(name: str = "auto") -> SpliceEngine | CopyEngine:
+def choose_engine(
+    name: str = "auto", coalescing: Coalescing | None = None
+) -> SpliceEngine | CopyEngine:
     """`auto`: splice where the kernel splices sockets, else copy. A forced engine is checked."""
     if name == "auto":
         name = available_engines()[0]
     if name == "splice":
         if not splice_works():
             raise ConfigError("relay engine splice: this kernel cannot splice sockets")
-        return SpliceEngine()
+        return SpliceEngine(coalescing=coalescing)
     if name == "copy":
-        return CopyEngine()
+        return CopyEngine(coalescing=coalescing)
     raise ConfigError(f"unknown relay engine {name!r} (choose from auto, splice, copy)")

@@ -1,0 +1,191 @@
+"""The paths compared: kernel routing, mptun's engines and transports, shadowsocks-libev.
+
+A case starts its relay processes (client end in the router, server end in the VPS) and says how
+the traffic generator reaches the far host: directly (routing) or through a SOCKS5 address.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mptun.bench.env import BenchError, Environment
+from mptun.common import ktls
+from mptun.common.crypto import generate_key
+
+SS_METHOD = "aes-256-gcm"
+
+
+@dataclass
+class Case:
+    """One path. `kind`: route, mptun or sslibev; `args`: extra options for both relay ends."""
+
+    id: str
+    label: str
+    kind: str
+    args: tuple[str, ...] = ()
+    mptcp: bool = True
+    idle: bool = False  # measure RSS per idle connection for this case
+    skip: str | None = None  # why it cannot run here
+
+
+@dataclass
+class Running:
+    """A started case: the SOCKS5 address to use (None: connect directly) and relay PIDs."""
+
+    case: Case
+    socks: tuple[str, int] | None = None
+    pids: dict[str, int] = field(default_factory=dict)  # "client"/"server" -> PID
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+
+def all_cases() -> list[Case]:
+    """Every case, in the order of the issue; unavailable ones carry the reason."""
+    ss = shutil.which("ss-server") and shutil.which("ss-local")
+    ss_skip = (
+        None if ss else "shadowsocks-libev is not installed (apt-get install shadowsocks-libev)"
+    )
+    mptcpize_skip = ss_skip or (
+        None if shutil.which("mptcpize") else "mptcpize is not installed (apt-get install mptcpize)"
+    )
+    ktls_skip = ktls.probe(mptcp=False)
+    plain = ("--bulk", "plain")
+    return [
+        Case("route", "kernel route/NAT", "route"),
+        Case(
+            "splice-mptcp", "mptun splice MPTCP", "mptun", (*plain, "--relay", "splice"), idle=True
+        ),
+        Case("splice-tcp", "mptun splice TCP", "mptun", (*plain, "--relay", "splice"), mptcp=False),
+        Case("copy-mptcp", "mptun copy MPTCP", "mptun", (*plain, "--relay", "copy"), idle=True),
+        Case(
+            "splice-mptcp-nobatch",
+            "mptun splice MPTCP, no coalescing",
+            "mptun",
+            (*plain, "--relay", "splice", "--coalesce-ms", "0"),
+        ),
+        Case("aead-mptcp", "mptun aead MPTCP", "mptun", ("--bulk", "aead")),
+        Case(
+            "ktls-tcp",
+            "mptun ktls TCP",
+            "mptun",
+            ("--bulk", "ktls"),
+            mptcp=False,
+            skip=f"no kTLS here: {ktls_skip}" if ktls_skip else None,
+        ),
+        Case("ss-mptcp", "ss-libev mptcpize", "sslibev", idle=True, skip=mptcpize_skip),
+        Case("ss-tcp", "ss-libev TCP", "sslibev", mptcp=False, skip=ss_skip),
+    ]
+
+
+class Starter:
+    """Starts cases in an environment; owns the key and password files."""
+
+    def __init__(self, env: Environment, workdir: Path) -> None:
+        self.env = env
+        self.workdir = workdir
+        self.key = workdir / "key"
+        self.key.write_text(generate_key() + "\n")
+        self.key.chmod(0o600)
+        self.password = generate_key()
+
+    def start(self, case: Case) -> Running:
+        if case.kind == "route":
+            return Running(case)
+        if case.kind == "mptun":
+            return self._mptun(case)
+        return self._sslibev(case)
+
+    def stop(self, running: Running) -> None:
+        for p in running.procs:
+            self.env.stop(p)
+
+    def _log(self, name: str):
+        return open(self.workdir / f"{name}.log", "ab")
+
+    def _spawn(self, running: Running, end: str, role: str, cmd: list[str], port: int, host: str):
+        with self._log(f"{running.case.id}-{end}") as log:
+            p = self.env.popen(role, cmd, stdout=log, stderr=subprocess.STDOUT)
+        running.procs.append(p)
+        running.pids[end] = p.pid  # `ip netns exec` and `mptcpize run` exec: the same PID
+        self.env.wait_listening(role, host, port, p)
+
+    def _mptun(self, case: Case) -> Running:
+        env = self.env
+        r = Running(case)
+        transport = ("--transport", "mptcp" if case.mptcp else "tcp")
+        mptun = [
+            sys.executable,
+            "-m",
+            "mptun",
+            "--log-level",
+            os.environ.get("MPTUN_BENCH_RELAY_LOG", "warning"),
+        ]
+        sport = env.port("vps")
+        allow = "127.0.0.0/8" if env.target_host.startswith("127.") else f"{env.target_host}/32"
+        server = [
+            *mptun,
+            "server",
+            "--listen",
+            f"{env.server_host}:{sport}",
+            "--key-file",
+            str(self.key),
+            "--allow-target",
+            allow,
+            *transport,
+            *case.args,
+        ]
+        try:
+            self._spawn(r, "server", "vps", server, sport, env.server_host)
+            cport = env.port("router")
+            client = [
+                *mptun,
+                "client",
+                "--server",
+                f"{env.server_host}:{sport}",
+                "--key-file",
+                str(self.key),
+                "--socks",
+                f"{env.socks_host}:{cport}",
+                *transport,
+                *case.args,
+            ]
+            self._spawn(r, "client", "router", client, cport, env.socks_host)
+        except BaseException:
+            self.stop(r)
+            raise
+        r.socks = (env.socks_host, cport)
+        return r
+
+    def _sslibev(self, case: Case) -> Running:
+        env = self.env
+        r = Running(case)
+        wrap = ["mptcpize", "run"] if case.mptcp else []
+        common = ["-k", self.password, "-m", SS_METHOD, "-n", "20000", "--no-delay"]
+        sport = env.port("vps")
+        try:
+            server = [*wrap, "ss-server", "-s", env.server_host, "-p", str(sport), *common]
+            self._spawn(r, "server", "vps", server, sport, env.server_host)
+            cport = env.port("router")
+            local = [
+                *wrap,
+                "ss-local",
+                "-s",
+                env.server_host,
+                "-p",
+                str(sport),
+                "-b",
+                env.socks_host,
+                "-l",
+                str(cport),
+                *common,
+            ]
+            self._spawn(r, "client", "router", local, cport, env.socks_host)
+        except BenchError:
+            self.stop(r)
+            raise
+        r.socks = (env.socks_host, cport)
+        return r

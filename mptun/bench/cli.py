@@ -1,0 +1,192 @@
+"""`mptun bench`: kernel routing, mptun and shadowsocks-libev side by side, in one run."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from mptun.bench import report
+from mptun.bench.cases import all_cases
+from mptun.bench.env import BenchError, open_environment
+from mptun.bench.runner import Progress, Runner, Settings
+from mptun.common.errors import ConfigError, MptunError
+from mptun.options import env
+
+
+@click.command()
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "netns", "loopback"]),
+    default="auto",
+    show_default=True,
+    envvar=env("mode"),
+    help="netns: the 3-uplink namespace test bed (root); loopback: everything on 127.0.0.1, "
+    "raw links only; auto: netns when possible.",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0.5, max=600),
+    default=5.0,
+    show_default=True,
+    envvar=env("seconds"),
+    help="Length of each bulk transfer.",
+)
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1, max=50),
+    default=3,
+    show_default=True,
+    envvar=env("runs"),
+    help="Transfers per case, link and direction (the table shows median and spread).",
+)
+@click.option(
+    "--cases",
+    "case_ids",
+    envvar=env("cases"),
+    help="Comma-separated case ids to run (default: all available). See --list.",
+)
+@click.option(
+    "--links",
+    type=click.Choice(["both", "raw", "shaped"]),
+    default="both",
+    show_default=True,
+    envvar=env("links"),
+    help="Unshaped links, the 100/60/40 Mbit shaped uplinks, or both.",
+)
+@click.option(
+    "--idle-connections",
+    type=click.IntRange(min=0, max=5000),
+    default=1000,
+    show_default=True,
+    envvar=env("idle-connections"),
+    help="Idle tunneled connections for the RSS measurement (0: skip it).",
+)
+@click.option(
+    "--connrate-seconds",
+    type=click.FloatRange(min=0),
+    default=3.0,
+    show_default=True,
+    envvar=env("connrate-seconds"),
+    help="Length of the connection-rate measurement (0: skip it).",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    envvar=env("quick"),
+    help="A smoke run: 1 run of 1 s, 50 idle connections, 1 s of connection rate.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default="bench.json",
+    show_default=True,
+    envvar=env("json"),
+    help="Write every measurement here.",
+)
+@click.option(
+    "--chart",
+    "chart_path",
+    type=click.Path(dir_okay=False),
+    default="bench.png",
+    show_default=True,
+    envvar=env("chart"),
+    help="Write a PNG chart here (needs the `chart` extra: matplotlib).",
+)
+@click.option("--list", "list_cases", is_flag=True, help="List the cases and exit.")
+def bench(
+    mode,
+    seconds,
+    runs,
+    case_ids,
+    links,
+    idle_connections,
+    connrate_seconds,
+    quick,
+    json_path,
+    chart_path,
+    list_cases,
+) -> None:
+    """Measure mptun against kernel routing and shadowsocks-libev (takes minutes)."""
+    cases = all_cases()
+    if list_cases:
+        for c in cases:
+            click.echo(f"{c.id:22} {c.label}" + (f"  (skipped: {c.skip})" if c.skip else ""))
+        return
+    if case_ids:
+        wanted = [x.strip() for x in case_ids.split(",") if x.strip()]
+        known = {c.id for c in cases}
+        bad = [x for x in wanted if x not in known]
+        if bad:
+            raise ConfigError(f"unknown case {bad[0]!r} (known: {', '.join(sorted(known))})")
+        cases = [c for c in cases if c.id in wanted]
+    if quick:
+        seconds, runs = 1.0, 1
+        idle_connections = min(idle_connections, 50)
+        connrate_seconds = min(connrate_seconds, 1.0)
+    settings = Settings(
+        seconds=seconds,
+        runs=runs,
+        links=("raw", "shaped") if links == "both" else (links,),
+        connrate_seconds=connrate_seconds,
+        idle_connections=idle_connections,
+    )
+    for c in cases:
+        if c.skip:
+            click.echo(f"skipping {c.id}: {c.skip}", err=True)
+    try:
+        environment = open_environment(mode)
+    except BenchError as e:
+        raise MptunError(str(e)) from None
+    if environment.shaped_rates is None and "shaped" in settings.links:
+        click.echo("loopback mode: no shaped links, raw only", err=True)
+        settings.links = tuple(x for x in settings.links if x != "shaped")
+        if not settings.links:
+            environment.close()
+            raise ConfigError("--links shaped needs the namespace test bed (--mode netns, root)")
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="mptun-bench-") as tmp:
+        try:
+            runner = Runner(environment, cases, settings, Path(tmp))
+            if connrate_seconds <= 0 or idle_connections <= 0:
+                runner.skip_extras(connrate=connrate_seconds <= 0, idle=idle_connections <= 0)
+            click.echo(f"mptun bench: {environment.describe()}", err=True)
+            results = runner.run(Progress(runner.steps()))
+        except BenchError as e:
+            raise MptunError(f"bench: {e} (relay logs were in {tmp})") from None
+        finally:
+            environment.close()
+    rows = report.summarize(results)
+    meta = {
+        "command": " ".join(["mptun", *sys.argv[1:]]) if sys.argv else "mptun bench",
+        "mode": environment.name,
+        "kernel": platform.release(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": seconds,
+        "runs": runs,
+        "links": list(settings.links),
+        "shaped_mbit": list(environment.shaped_rates or []),
+        "cases": [{"id": c.id, "label": c.label, "skip": c.skip} for c in all_cases()],
+    }
+    checks = report.targets(rows, results)
+    click.echo(report.table(rows, cases, results, meta))
+    click.echo(report.format_targets(checks))
+    Path(json_path).write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "summary": rows,
+                "targets": [{"what": w, "held": ok, "detail": d} for w, ok, d in checks],
+                **results,
+            },
+            indent=1,
+        )
+    )
+    click.echo(f"\njson: {json_path}")
+    click.echo(report.chart(rows, cases, Path(chart_path)))

@@ -1,0 +1,240 @@
+"""Where the benchmark runs: the namespace test bed, or loopback where namespaces are not possible.
+
+Both give the same four roles (lan host, router, vps, inet host) as command prefixes and
+addresses, so a case is written once. On loopback every role is this host and 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+
+from mptun.common.netns import NetnsError, have_mptcp, have_netns, run
+from mptun.common.testbed import INET_HOST_V4, LAN_ROUTER_V4, SERVER_V4, Testbed
+
+SHAPED_MBIT = (100, 60, 40)
+_NAT_RULES = """
+table ip mptun_bench_nat {
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan*" masquerade
+    }
+}
+"""
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not set up or run a case; the message says which and why."""
+
+
+class Environment:
+    """Roles -> command prefixes and addresses; processes started here are stopped by PID."""
+
+    name = "base"
+    target_host = "127.0.0.1"
+    socks_host = "127.0.0.1"
+    server_host = "127.0.0.1"
+    shaped_rates: tuple[float, ...] | None = None
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self._next_port = 20000
+
+    def prefix(self, role: str) -> list[str]:
+        return []
+
+    def port(self, role: str) -> int:
+        """A port for a listener in `role`."""
+        return _free_port()
+
+    def popen(self, role: str, cmd: Sequence[str], **kw) -> subprocess.Popen:
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        p = subprocess.Popen([*self.prefix(role), *cmd], **kw)
+        self.procs.append(p)
+        return p
+
+    def run(self, role: str, cmd: Sequence[str], timeout: float) -> str:
+        """Run to completion in `role`; its stdout (a BenchError if it fails)."""
+        p = self.popen(role, cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop(p)
+            raise BenchError(f"{' '.join(cmd[:4])}...: no result after {timeout:.0f} s") from None
+        finally:
+            self.forget(p)
+        if p.returncode != 0:
+            raise BenchError(f"{' '.join(cmd[:4])}...: {(out.strip() or err.strip())[-300:]}")
+        return out
+
+    def stop(self, p: subprocess.Popen, timeout: float = 5.0) -> None:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.forget(p)
+
+    def forget(self, p: subprocess.Popen) -> None:
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def wait_listening(self, role: str, host: str, port: int, proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise BenchError(
+                    f"{proc.args[len(self.prefix(role))]} exited with {proc.returncode}"
+                )
+            if self._listening(role, host, port):
+                return
+            time.sleep(0.05)
+        raise BenchError(f"nothing listens on {host}:{port} in {role} after 15 s")
+
+    def _listening(self, role: str, host: str, port: int) -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex((host, port)) == 0
+
+    def set_shaped(self, shaped: bool) -> None:
+        if shaped:
+            raise BenchError(f"{self.name}: no shaped links here")
+
+    def close(self) -> None:
+        for p in list(self.procs):
+            self.stop(p)
+
+    def describe(self) -> str:
+        return self.name
+
+
+class LoopbackEnv(Environment):
+    """Everything on 127.0.0.1: the route case is a direct loopback connection."""
+
+    name = "loopback"
+
+
+class NetnsEnv(Environment):
+    """The test bed of common/testbed.py, with per-uplink routing and NAT on the router."""
+
+    name = "netns"
+    target_host = str(INET_HOST_V4)
+    socks_host = str(LAN_ROUTER_V4)
+    server_host = str(SERVER_V4)
+    shaped_rates = SHAPED_MBIT
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bed = Testbed(rates_mbit=(None, None, None), ipv6=False)
+        self.nat = False
+        try:
+            self.bed.build()
+            self._uplink_routing()
+            self.nat = self._nat()
+            assert self.bed.lan is not None
+            # the connection-rate run opens tens of thousands of connections from the lan host
+            self.bed.lan.sysctl("net.ipv4.tcp_tw_reuse", 1)
+            self.bed.lan.sysctl("net.ipv4.ip_local_port_range", "10000 65000")
+        except BaseException:
+            self.bed.destroy()
+            raise
+
+    def _uplink_routing(self) -> None:
+        """A table per uplink, `from ADDR lookup TABLE`, an MPTCP subflow endpoint per uplink.
+
+        What `mptun uplinks` (issue 3) will configure; FACTS.md: without it every extra subflow
+        leaves through the default route.
+        """
+        r = self.bed.router
+        assert r is not None
+        for up in self.bed.uplinks:
+            table = str(100 + up.index)
+            r.ip(
+                "route",
+                "add",
+                "default",
+                "via",
+                str(up.vps_v4),
+                "dev",
+                up.router_if,
+                "table",
+                table,
+            )
+            r.ip("rule", "add", "from", str(up.router_v4), "lookup", table)
+            r.ip("mptcp", "endpoint", "add", str(up.router_v4), "dev", up.router_if, "subflow")
+
+    def _nat(self) -> bool:
+        assert self.bed.router is not None
+        try:
+            self.bed.router.exec("nft", "-f", "-", input=_NAT_RULES)
+        except (NetnsError, FileNotFoundError):
+            return False  # no nftables: the route case is routing only
+        return True
+
+    def prefix(self, role: str) -> list[str]:
+        ns = getattr(self.bed, role)
+        assert ns is not None
+        return ns.prefix()
+
+    def port(self, role: str) -> int:
+        self._next_port += 1  # the namespaces are ours alone: no other listener can collide
+        return self._next_port
+
+    def _listening(self, role: str, host: str, port: int) -> bool:
+        r = run([*self.prefix(role), "ss", "-Hltn", f"sport = :{port}"], check=False)
+        return bool(r.stdout.strip())
+
+    def set_shaped(self, shaped: bool) -> None:
+        for up, rate in zip(self.bed.uplinks, SHAPED_MBIT, strict=True):
+            if shaped:
+                self.bed.shape(up, rate)
+            else:
+                for ns, dev in ((self.bed.router, up.router_if), (self.bed.vps, up.vps_if)):
+                    assert ns is not None
+                    ns.exec("tc", "qdisc", "del", "dev", dev, "root", check=False)
+                up.rate_mbit = None
+
+    def mptcp_counters(self) -> dict[str, int]:
+        """MPTcpExt MIB counters of the router (nstat), to show subflows were joined."""
+        r = run([*self.prefix("router"), "nstat", "-az", "-j"], check=False)
+        try:
+            data = json.loads(r.stdout)
+        except ValueError:
+            return {}
+        out: dict[str, int] = {}
+        for table in data.values():
+            for k, v in table.items():
+                if k.startswith("MPTcpExt"):
+                    out[k] = v
+        return out
+
+    def close(self) -> None:
+        super().close()
+        self.bed.destroy()
+
+    def describe(self) -> str:
+        return f"netns {self.bed.suffix} (nat: {'nft masquerade' if self.nat else 'none'})"
+
+
+def open_environment(mode: str) -> Environment:
+    """`auto`: namespaces when this process can build them (root, iproute2), else loopback."""
+    if mode in ("auto", "netns"):
+        ok, why = have_netns()
+        if ok:
+            ok, why = have_mptcp()
+        if ok:
+            return NetnsEnv()
+        if mode == "netns":
+            raise BenchError(f"cannot build the test bed: {why}")
+    return LoopbackEnv()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

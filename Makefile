@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the tests (and the demo) use; only missing ones are installed.
 APT_PACKAGES := iproute2 procps curl nftables iperf3 kmod faketime shellcheck systemd util-linux dnsmasq-base bind9-dnsutils
+# What `make bench` adds: the incumbent it is compared with, and mptcpize to run it over MPTCP.
+BENCH_APT_PACKAGES := shadowsocks-libev mptcpize
 PYTEST_ARGS ?= --durations=25
 
 .PHONY: demo test deps venv lint format bench clean
@@ -38,6 +40,8 @@ demo: deps venv
 	$(VENV)/bin/mptun demo
 
 bench: deps venv
+	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(BENCH_APT_PACKAGES)"
+	$(VENV)/bin/pip install -q -e '.[chart]'
 	$(VENV)/bin/mptun bench
 
 lint: venv

@@ -1,0 +1,157 @@
+"""Coalescing (common/relay/base.py): a streaming direction batches, interactive traffic does not.
+
+The delays here are made long (hundreds of ms) so that a wrong decision is visible as a delay
+far above any scheduling noise: nothing below asserts a speed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from mptun.common.relay import Coalescing, available_engines
+from mptun.common.sockets import IPPROTO_MPTCP
+from tests.test_relay import Setup, recv_all
+
+SLOW = Coalescing(delay=0.4)  # a byte may wait up to 0.4 s below the mark while streaming
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        c = s.recv(n - len(out))
+        if not c:
+            raise EOFError(f"EOF after {len(out)} of {n} bytes")
+        out += c
+    return bytes(out)
+
+
+@pytest.fixture(params=available_engines())
+def engine(request) -> str:
+    return request.param
+
+
+@pytest.mark.parametrize("proto", [0, IPPROTO_MPTCP], ids=["tcp", "mptcp"])
+def test_stream_tail_below_the_mark_is_delivered_without_eof(engine, proto):
+    """100 bytes right after a 4 MiB burst, connection still open: the kernel will not report
+    them (below the mark); the timer must move them."""
+    st = Setup(proto)
+    data = os.urandom(4 * 1024 * 1024)
+    tail = os.urandom(100)
+    got = {}
+
+    def script():
+        st.app_a.sendall(data)
+        st.app_b.settimeout(10)
+        got["data"] = recv_exact(st.app_b, len(data))
+        st.app_a.sendall(tail)  # then silence
+        got["tail"] = recv_exact(st.app_b, len(tail))
+        st.app_a.close()
+        st.app_b.close()
+
+    stats = st.run(engine, script, coalescing=SLOW)
+    assert got["data"] == data and got["tail"] == tail
+    assert stats.clean and stats.to_tunnel == len(data) + len(tail)
+
+
+def test_streaming_raises_the_mark_and_quiet_lowers_it(engine):
+    st = Setup()
+    seen = {}
+
+    def script():
+        st.app_a.sendall(os.urandom(2 * 1024 * 1024))
+        st.app_b.settimeout(10)
+        recv_exact(st.app_b, 2 * 1024 * 1024 - 64 * 1024)  # mid-stream: the mark is up
+        seen["streaming"] = st.inner.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+        recv_exact(st.app_b, 64 * 1024)
+        deadline = time.monotonic() + 10  # quiet for a delay: back to prompt reads
+        while time.monotonic() < deadline:
+            seen["quiet"] = st.inner.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+            if seen["quiet"] == 1:
+                break
+            time.sleep(0.05)
+        st.app_a.close()
+        st.app_b.close()
+
+    st.run(engine, script, coalescing=SLOW)
+    assert seen["streaming"] == SLOW.low_water
+    assert seen["quiet"] == 1
+
+
+@pytest.mark.parametrize("proto", [0, IPPROTO_MPTCP], ids=["tcp", "mptcp"])
+def test_interactive_messages_are_not_held(engine, proto):
+    """Ping-pong of 64-byte messages through the relay, after a bulk burst went the other way.
+
+    Were small messages coalesced, each round trip would wait SLOW.delay (0.4 s); the bound is
+    half of that, orders of magnitude above a loopback round trip.
+    """
+    st = Setup(proto)
+    worst = {}
+
+    def script():
+        st.app_b.sendall(os.urandom(1024 * 1024))  # the back direction streams once
+        recv_exact(st.app_a, 1024 * 1024)
+        time.sleep(2 * SLOW.delay)  # ...and goes quiet
+        rtts = []
+        for _ in range(20):
+            t0 = time.monotonic()
+            st.app_a.sendall(b"p" * 64)
+            recv_exact(st.app_b, 64)
+            st.app_b.sendall(b"q" * 64)
+            recv_exact(st.app_a, 64)
+            rtts.append(time.monotonic() - t0)
+        worst["rtt"] = sorted(rtts)[len(rtts) // 2]
+        st.app_a.shutdown(socket.SHUT_WR)
+        recv_all(st.app_b)
+        st.app_b.close()
+        recv_all(st.app_a)
+
+    stats = st.run(engine, script, coalescing=SLOW)
+    assert stats.clean
+    assert worst["rtt"] < SLOW.delay / 2
+
+
+def test_coalescing_off_never_touches_the_mark(engine):
+    st = Setup()
+    seen = {}
+    off = Coalescing(delay=0)
+
+    def script():
+        st.app_a.sendall(os.urandom(2 * 1024 * 1024))
+        st.app_b.settimeout(10)
+        recv_exact(st.app_b, 1024 * 1024)
+        seen["lowat"] = st.inner.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+        recv_exact(st.app_b, 1024 * 1024)
+        st.app_a.close()
+        st.app_b.close()
+
+    st.run(engine, script, coalescing=off)
+    assert seen["lowat"] == 1
+
+
+def test_reads_are_batched_while_streaming(engine):
+    """Bytes trickled in 1400-byte writes: with coalescing the relay reads far fewer times."""
+    counts = {}
+    for name, c in (("off", Coalescing(delay=0)), ("on", Coalescing(delay=0.02))):
+        st = Setup()
+
+        def script(st=st):
+            t = threading.Thread(target=lambda: recv_all(st.app_b))
+            t.start()
+            chunk = b"x" * 1400
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:  # ~1400 B every 50 us (bounded by time)
+                st.app_a.sendall(chunk)
+                time.sleep(0.00005)
+            st.app_a.shutdown(socket.SHUT_WR)
+            t.join()
+            st.app_b.close()
+            recv_all(st.app_a)
+
+        stats = st.run(engine, script, coalescing=c)
+        counts[name] = stats.to_tunnel / max(stats.reads, 1)  # bytes per read
+    assert counts["on"] > 4 * counts["off"], counts

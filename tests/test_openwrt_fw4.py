@@ -120,3 +120,26 @@ def test_check_gate_refuses_a_broken_file(router: Netns, tmp_path: Path) -> None
     r = router.exec("nft", "-c", "-f", str(broken), check=False)
     assert r.returncode != 0
     assert router.exec("nft", "list", "table", "inet", "mptun").stdout == before
+
+
+def test_uci_section_renders_the_same_rules(router: Netns, tmp_path: Path) -> None:
+    """The init script's path (`mptun nft --uci`, `config nft`) gives what the options give."""
+    conf = tmp_path / "mptun.uci"
+    conf.write_text(
+        "config nft 'nft'\n"
+        "\toption port '1081'\n"
+        "\tlist server '203.0.113.100'\n"
+        "\tlist lan 'br-lan'\n"
+        "\toption dns_port '5353'\n"
+        "\toption block_quic '1'\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "mptun", "nft", "--uci", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == _render(tmp_path).read_text()
+    (tmp_path / "uci.nft").write_text(r.stdout)
+    router.exec("nft", "-c", "-f", str(tmp_path / "uci.nft"))

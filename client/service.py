@@ -10,6 +10,7 @@ from typing import Protocol
 from mptun.client.tunnel import Dialer
 from mptun.common.address import Address
 from mptun.common.errors import ConfigError
+from mptun.common.limits import fit_connections
 from mptun.common.listener import AcceptLoop
 from mptun.common.sockets import Transport, listen_socket
 
@@ -64,6 +65,7 @@ class Client:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> list[Address]:
         local = Transport(want_mptcp=False)  # the LAN side is plain TCP
+        limit = fit_connections(self.max_connections, log, len(self.specs))
         for spec in self.specs:
             try:
                 sock, _ = listen_socket(spec.bind, local, transparent=spec.transparent)
@@ -73,7 +75,7 @@ class Client:
                 raise ConfigError(
                     f"cannot listen on {spec.bind} ({spec.handler.kind}): {e.strerror}{hint}"
                 ) from None
-            accept = AcceptLoop(loop, sock, spec.handler.handle, log, self.max_connections)
+            accept = AcceptLoop(loop, sock, spec.handler.handle, log, limit)
             accept.start()
             self.loops.append(accept)
             host, port = sock.getsockname()[:2]

@@ -22,6 +22,7 @@ from mptun.common.handshake import (
     ServerHandshake,
     WireMode,
 )
+from mptun.common.limits import fit_connections
 from mptun.common.listener import AcceptLoop
 from mptun.common.logutil import BurstLog, human_bytes
 from mptun.common.relay import PLAIN, Engine, Session, Side
@@ -135,7 +136,7 @@ class Server:
         host, port = sock.getsockname()[:2]
         self.address = Address.parse(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         self._accept = AcceptLoop(
-            loop, sock, self._handle, log, max_connections=self.config.max_connections
+            loop, sock, self._handle, log, fit_connections(self.config.max_connections, log)
         )
         self._accept.start()
         log.info(

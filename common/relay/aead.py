@@ -31,7 +31,15 @@ from mptun.common.records import (
     Sealer,
     sealed_length,
 )
-from mptun.common.relay.base import PLAIN, Coalescing, Pump, Relay, RelayStats, Session
+from mptun.common.relay.base import (
+    PLAIN,
+    Coalescing,
+    Pump,
+    Relay,
+    RelayStats,
+    Session,
+    free_buffers,
+)
 
 DEFAULT_SLOTS = 16  # records per read: 256 KiB
 
@@ -94,6 +102,7 @@ class SealPump(Pump):
         self.iov.clear()
         self.inview.release()
         self.outview.release()
+        free_buffers(self.inbuf, self.outbuf)
 
 
 class OpenPump(Pump):
@@ -153,6 +162,7 @@ class OpenPump(Pump):
     def release(self) -> None:
         self.inview.release()
         self.outview.release()
+        free_buffers(self.inbuf, self.outbuf)
 
 
 class AeadEngine:

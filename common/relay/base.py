@@ -418,6 +418,19 @@ class Relay:
             self._done.set_result(None)
 
 
+def free_buffers(*buffers: bytearray) -> None:
+    """Give a finished pump's buffers back now, not when the garbage collector next runs.
+
+    A relay and its pumps reference each other, so they are freed only by a full collection:
+    measured, 1,000 aead tunnels left ~1 GiB of RSS behind per round (tests/test_load.py).
+    """
+    for b in buffers:
+        try:
+            b.clear()
+        except BufferError:  # still exported to a view somewhere: left to the collector
+            pass
+
+
 def _describe(e: Exception) -> str:
     if isinstance(e, MptunError):
         return f"{e} ({e.status.value})"

@@ -55,7 +55,8 @@ class CopyPump(Pump):
 
     def release(self) -> None:
         if self.view is not None:
-            self.view.release()
+            self.view.release()  # the view held the only reference: the buffer is freed now
+            self.view = None
 
 
 class CopyEngine:

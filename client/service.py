@@ -65,7 +65,6 @@ class Client:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> list[Address]:
         local = Transport(want_mptcp=False)  # the LAN side is plain TCP
-        limit = fit_connections(self.max_connections, log, len(self.specs))
         for spec in self.specs:
             try:
                 sock, _ = listen_socket(spec.bind, local, transparent=spec.transparent)
@@ -75,6 +74,8 @@ class Client:
                 raise ConfigError(
                     f"cannot listen on {spec.bind} ({spec.handler.kind}): {e.strerror}{hint}"
                 ) from None
+            if not self.loops:  # after the first bind: a failed start logs nothing else
+                limit = fit_connections(self.max_connections, log, len(self.specs))
             accept = AcceptLoop(loop, sock, spec.handler.handle, log, limit)
             accept.start()
             self.loops.append(accept)

@@ -34,7 +34,8 @@ def run(
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
-        start(loop)
+        # Handlers first: a SIGTERM that comes as soon as the port listens must stop us cleanly
+        # (exit 0), not kill us with the default action.
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
@@ -42,6 +43,7 @@ def run(
             loop.add_signal_handler(signal.SIGHUP, reload)
         if dump is not None:
             loop.add_signal_handler(signal.SIGUSR1, dump)
+        start(loop)
         await stopping.wait()
         log.info("stopping: no new connections, draining for up to %.0f s", drain_timeout)
         left = await stop(drain_timeout)

@@ -17,7 +17,14 @@ Ctrl-C. Used by the tests, `mptun demo` and `mptun bench`.
             vps    cliN 198.51.100.(16N+2)/28, fd00:10:N::2/64
 
 Uplink N is shaped with tbf in both directions (router egress = upload, vps egress = download).
-The router gets no per-uplink policy routing here: that is what `mptun uplinks` configures.
+The router's main table has a default route through every uplink, as netifd makes them on a
+multi-WAN router: wan1 without metric, uplink N >= 2 with metric 10*N (so wan1 carries what is
+not policy-routed). The router gets no per-uplink policy routing here: that is what
+`mptun uplinks` configures.
+
+With `middlebox=True` every uplink crosses a fifth namespace, `mbox`, that bridges the two veth
+halves (router wanN -- mbox rN [bridge bN] vN -- vps cliN; addresses unchanged), so nftables
+there (`strip_mptcp()`) acts on the path like a middlebox.
 Congestion control is reno in every namespace (bbr with MPTCP on veth was erratic here) and
 rp_filter is off (subflows arrive from other source addresses).
 """
@@ -76,12 +83,15 @@ class Testbed:
         ipv6: bool = True,
         mtu: int = 1500,
         tbf_latency_ms: int = 50,
+        middlebox: bool = False,
     ) -> None:
         self.suffix = secrets.token_hex(3)
         self.uplinks = [Uplink(i + 1, r) for i, r in enumerate(rates_mbit)]
         self.ipv6 = ipv6
         self.mtu = mtu
         self.tbf_latency_ms = tbf_latency_ms
+        self.middlebox = middlebox
+        self.mbox: Netns | None = None
         self.lan: Netns | None = None
         self.router: Netns | None = None
         self.vps: Netns | None = None
@@ -89,7 +99,7 @@ class Testbed:
 
     @property
     def namespaces(self) -> list[Netns]:
-        return [n for n in (self.lan, self.router, self.vps, self.inet) if n is not None]
+        return [n for n in (self.lan, self.router, self.vps, self.inet, self.mbox) if n is not None]
 
     def __enter__(self) -> Testbed:
         try:
@@ -106,7 +116,7 @@ class Testbed:
         """Stop every process started in the namespaces and delete them (idempotent)."""
         for ns in self.namespaces:
             ns.delete()
-        self.lan = self.router = self.vps = self.inet = None
+        self.lan = self.router = self.vps = self.inet = self.mbox = None
 
     # -- construction -----------------------------------------------------------------------------
     def build(self) -> None:
@@ -114,13 +124,15 @@ class Testbed:
         self.router = Netns("router", self.suffix)
         self.vps = Netns("vps", self.suffix)
         self.inet = Netns("inet", self.suffix)
+        if self.middlebox:
+            self.mbox = Netns("mbox", self.suffix)
         for ns in self.namespaces:
             self._base_sysctls(ns)
         self._veth(self.lan, "eth0", self.router, "lan0")
         self._addr(self.lan, "eth0", LAN_HOST_V4, 24, LAN_HOST_V6)
         self._addr(self.router, "lan0", LAN_ROUTER_V4, 24, LAN_ROUTER_V6)
         for up in self.uplinks:
-            self._veth(self.router, up.router_if, self.vps, up.vps_if)
+            self._uplink_wire(up)
             self._addr(self.router, up.router_if, up.router_v4, 28, up.router_v6)
             self._addr(self.vps, up.vps_if, up.vps_v4, 28, up.vps_v6)
             if up.rate_mbit:
@@ -136,6 +148,19 @@ class Testbed:
         self._routes()
         for ns in (self.router, self.vps):
             ns.exec("ip", "mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "8")
+
+    def _uplink_wire(self, up: Uplink) -> None:
+        assert self.router and self.vps
+        if self.mbox is None:
+            self._veth(self.router, up.router_if, self.vps, up.vps_if)
+            return
+        r, v, br = f"r{up.index}", f"v{up.index}", f"b{up.index}"
+        self._veth(self.router, up.router_if, self.mbox, r)
+        self._veth(self.mbox, v, self.vps, up.vps_if)
+        self.mbox.ip("link", "add", "name", br, "type", "bridge")
+        for port in (r, v):
+            self.mbox.ip("link", "set", port, "master", br)
+        self.mbox.ip("link", "set", br, "up")
 
     def _base_sysctls(self, ns: Netns) -> None:
         for key, value in [
@@ -184,6 +209,11 @@ class Testbed:
         up1 = self.uplinks[0]
         self.lan.ip("route", "add", "default", "via", str(LAN_ROUTER_V4))
         self.router.ip("route", "add", "default", "via", str(up1.vps_v4), "dev", up1.router_if)
+        for up in self.uplinks[1:]:
+            self.router.ip(
+                "route", "add", "default", "via", str(up.vps_v4), "dev", up.router_if,
+                "metric", str(10 * up.index),
+            )  # fmt: skip
         self.vps.ip("route", "add", "192.0.2.0/24", "via", str(up1.router_v4))
         self.inet.ip("route", "add", "default", "via", str(VPS_INET_V4))
         if self.ipv6:
@@ -191,6 +221,11 @@ class Testbed:
             self.router.ip(
                 "-6", "route", "add", "default", "via", str(up1.vps_v6), "dev", up1.router_if
             )
+            for up in self.uplinks[1:]:
+                self.router.ip(
+                    "-6", "route", "add", "default", "via", str(up.vps_v6), "dev", up.router_if,
+                    "metric", str(10 * up.index),
+                )  # fmt: skip
             self.vps.ip("-6", "route", "add", "fd00:1::/64", "via", str(up1.router_v6))
             self.inet.ip("-6", "route", "add", "default", "via", str(VPS_INET_V6))
 
@@ -223,6 +258,31 @@ class Testbed:
         assert self.router and self.vps
         self.router.ip("link", "set", up.router_if, state)
         self.vps.ip("link", "set", up.vps_if, state)
+
+    def uplink(self, name: str) -> Uplink:
+        """The uplink whose router-side interface is `name` (e.g. "wan2")."""
+        for up in self.uplinks:
+            if up.router_if == name:
+                return up
+        raise KeyError(name)
+
+    def strip_mptcp(self) -> None:
+        """Make the middlebox remove the MPTCP option from every SYN (needs `middlebox=True`).
+
+        Connections then fall back to plain TCP (RFC 8684 3.7). A bridge-family forward chain:
+        the middlebox has no addresses. (`fwd` is an nft keyword: the chain is named `strip`.)
+        """
+        if self.mbox is None:
+            raise RuntimeError("strip_mptcp() needs Testbed(middlebox=True)")
+        ruleset = (
+            "table bridge mptun_mbox {\n"
+            "  chain strip {\n"
+            "    type filter hook forward priority 0; policy accept;\n"
+            "    tcp flags syn reset tcp option mptcp\n"
+            "  }\n"
+            "}\n"
+        )
+        self.mbox.exec("nft", "-f", "-", input=ruleset)
 
     def counters(self, up: Uplink) -> tuple[int, int]:
         """(tx_bytes, rx_bytes) of the router's side of an uplink."""

@@ -17,6 +17,7 @@ from mptun import __version__
 from mptun.bench.cli import bench
 from mptun.client.cli import client
 from mptun.client.nftcli import nft
+from mptun.client.uplinks_cli import uplinks
 from mptun.common.crypto import generate_key
 from mptun.common.errors import MptunError
 from mptun.options import env
@@ -74,6 +75,7 @@ cli.add_command(client)
 cli.add_command(uci_command)
 cli.add_command(nft)
 cli.add_command(bench)
+cli.add_command(uplinks)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,143 @@
+"""`mptun uplinks`: configure, show, clear or watch the router's uplinks for multipath."""
+
+from __future__ import annotations
+
+import click
+
+from mptun.client.uplinks import (
+    DEFAULT_RULE_PRIORITY,
+    DEFAULT_SUBFLOWS,
+    DEFAULT_TABLE_BASE,
+    Settings,
+    clear_plan,
+    describe,
+    parse_gateways,
+    plan,
+)
+from mptun.common.errors import ConfigError, MptunError
+from mptun.options import config_option, env
+
+
+@click.command()
+@config_option
+@click.argument("ifaces", nargs=-1, metavar="[IFACE]...")
+@click.option(
+    "--table-base",
+    type=click.IntRange(1, 0xFFFFFF00),
+    default=DEFAULT_TABLE_BASE,
+    show_default=True,
+    envvar=env("table-base"),
+    help="First routing table mptun may use for an uplink (one table per uplink).",
+)
+@click.option(
+    "--rule-priority",
+    type=click.IntRange(1, 32764),
+    default=DEFAULT_RULE_PRIORITY,
+    show_default=True,
+    envvar=env("rule-priority"),
+    help="Priority of mptun's rules (N: LAN routes first, N+1: the uplink's table). "
+    "Keep it below mwan3's (1000-3000: use e.g. 900) and the main table (32766).",
+)
+@click.option(
+    "--subflows",
+    type=click.IntRange(0, 8),
+    default=DEFAULT_SUBFLOWS,
+    show_default=True,
+    envvar=env("subflows"),
+    help="MPTCP limits: extra subflows per connection and ADD_ADDRs accepted (kernel max 8).",
+)
+@click.option(
+    "--gateway",
+    multiple=True,
+    envvar=env("gateway"),
+    metavar="IFACE=ADDRESS",
+    help="The uplink's gateway when no default route through it shows it (repeatable, one "
+    "per family).",
+)
+@click.option(
+    "--backup",
+    multiple=True,
+    envvar=env("backup"),
+    metavar="IFACE",
+    help="Mark this uplink's endpoints `backup`: used only when no other subflow works "
+    "(a metered LTE link). Repeatable.",
+)
+@click.option("--show", is_flag=True, help="Print what mptun configured (no changes).")
+@click.option("--clear", is_flag=True, help="Remove what mptun added (all, or these IFACEs').")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Configure, then keep watching: restore an uplink's route and endpoint when it "
+    "comes back (runs until SIGTERM).",
+)
+@click.option("--dry-run", is_flag=True, help="Print the changes without making them.")
+def uplinks(
+    ifaces: tuple[str, ...],
+    table_base: int,
+    rule_priority: int,
+    subflows: int,
+    gateway: tuple[str, ...],
+    backup: tuple[str, ...],
+    show: bool,
+    clear: bool,
+    watch: bool,
+    dry_run: bool,
+) -> None:
+    """Make IFACEs MPTCP uplinks: endpoints, per-uplink routing table and rules, limits.
+
+    Running it again changes nothing; --clear removes only what mptun added.
+    """
+    if sum((show, clear, watch)) > 1:
+        raise ConfigError("--show, --clear and --watch exclude each other")
+    try:
+        gateways = parse_gateways(gateway)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    settings = Settings(table_base, rule_priority, subflows, gateways, frozenset(backup))
+    if not (ifaces or show or clear):
+        raise ConfigError("give the uplink interfaces, e.g. `mptun uplinks wan wwan0` (or --show)")
+    for name in [*gateways, *backup]:
+        if ifaces and name not in ifaces:
+            raise ConfigError(f"{name} is given to --gateway/--backup but is not an uplink")
+    if watch:
+        from mptun.client.watch import watch_forever
+
+        raise SystemExit(watch_forever(ifaces, settings))
+
+    from mptun.client.netlink import Netlink
+
+    with Netlink() as nl:
+        state = nl.state()
+        if show:
+            for line in describe(state, ifaces):
+                click.echo(line)
+            return
+        missing = [n for n in ifaces if n not in state.links]
+        if missing and not clear:
+            raise ConfigError(f"no such interface: {', '.join(missing)}")
+        try:
+            p = clear_plan(state, ifaces) if clear else plan(state, ifaces, settings)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for note in p.notes:
+            click.echo(f"mptun: note: {note}", err=True)
+        if not p.actions:
+            click.echo("nothing to change" if not clear else "nothing of mptun's to remove")
+            return
+        names = state.names
+        failed = 0
+        for a in p.actions:
+            if dry_run:
+                click.echo(f"would {a.describe(names)}")
+                continue
+            try:
+                nl.apply(a, names)
+            except MptunError as e:
+                if e.status.value == "config":  # permission: nothing else will work either
+                    raise
+                click.echo(f"mptun: error: {e}", err=True)
+                failed += 1
+                continue
+            click.echo(a.describe(names))
+    if failed:
+        raise SystemExit(1)

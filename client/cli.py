@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import click
 
@@ -10,6 +11,7 @@ from mptun.client.check import run_check
 from mptun.client.dns import DnsForwarder, DnsTcpHandler, DnsUdpServer, TunnelExchange
 from mptun.client.dnscache import DnsCache
 from mptun.client.redirect import gateway_listeners
+from mptun.client.control import control_option, tunnels_snapshot, wrap_service
 from mptun.client.service import Client, ListenerSpec
 from mptun.client.socks import ReplyPolicy, SocksListener
 from mptun.client.tunnel import Dialer, TunnelConfig
@@ -159,6 +161,7 @@ from mptun.options import (
     help="Concurrent SOCKS connections one LAN address may hold; more are reset (and counted).",
 )
 @stats_option
+@control_option
 @click.option(
     "--check",
     is_flag=True,
@@ -194,6 +197,7 @@ def client(
     max_connections,
     socks_per_client,
     stats_file,
+    control,
     check,
 ) -> None:
     """Run the tunnel client (the router end)."""
@@ -245,7 +249,19 @@ def client(
         listeners.append(ListenerSpec(dns, DnsTcpHandler(forwarder)))
         services.append(DnsUdpServer(dns, forwarder))
     app = Client(dialer, listeners, max_connections, services)
-    runtime.run(app.start, app.stop, dump=StatsDump(stats_file, app.snapshot))
+
+    def status() -> dict:
+        return {
+            **app.snapshot(),
+            "pid": os.getpid(),
+            "server": str(server),
+            "transport": transport,
+            "listeners": [str(a) for a in app.addresses],
+            "connections": tunnels_snapshot(dialer),
+        }
+
+    start, stop = wrap_service(control, app.start, app.stop, status)
+    runtime.run(start, stop, dump=StatsDump(stats_file, app.snapshot))
 
 
 def check_socks_bind(bind, has_auth: bool) -> None:

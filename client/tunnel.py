@@ -63,6 +63,17 @@ class TunnelConfig:
     user_timeout: float = 60.0
 
 
+@dataclass
+class LiveTunnel:
+    """A tunnel that is relaying: what `mptun status` reports (client/control.py)."""
+
+    cid: str
+    source: str
+    target: Address
+    sock: socket.socket
+    started: float
+
+
 class TunnelError(Exception):
     """The tunnel could not be set up; `status` says why (CONNECT, AUTH, TIMEOUT...)."""
 
@@ -79,6 +90,7 @@ class Dialer:
         self.transport = Transport(want_mptcp=config.mptcp)
         self.counters: Counter[str] = Counter()
         self._ids = 0
+        self.live: dict[str, LiveTunnel] = {}  # relaying now, for `mptun status`
         self._down_log = BurstLog(log, logging.WARNING)
         self._silent_log = BurstLog(log, logging.WARNING, interval=60.0)
         self._warned_fallback = False
@@ -260,9 +272,13 @@ class Dialer:
             reset(tunnel)
             reset(inner)
             return
-        stats = await self.config.engine.relay(
-            loop, inner, tunnel, idle_timeout=self.config.idle_timeout, session=session
-        )
+        self.live[cid] = LiveTunnel(cid, source, target, tunnel, time.monotonic())
+        try:
+            stats = await self.config.engine.relay(
+                loop, inner, tunnel, idle_timeout=self.config.idle_timeout, session=session
+            )
+        finally:
+            self.live.pop(cid, None)
         self.counters["relayed"] += 1
         if not stats.clean and stats.status is not None:
             self.counters[stats.status.value] += 1

@@ -17,7 +17,7 @@ from mptun import __version__
 from mptun.bench.cli import bench
 from mptun.client.cli import client
 from mptun.client.nftcli import nft
-from mptun.client.uplinks_cli import uplinks
+from mptun.client.uplinks_cli import status, uplinks
 from mptun.common.crypto import generate_key
 from mptun.common.errors import MptunError
 from mptun.options import env
@@ -76,6 +76,7 @@ cli.add_command(uci_command)
 cli.add_command(nft)
 cli.add_command(bench)
 cli.add_command(uplinks)
+cli.add_command(status)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,220 @@
+"""A running multipath setup on the test bed: server, uplinks, client and a traffic peer.
+
+`mptun demo`, the multipath tests and benchmarks drive the same pieces the same way:
+
+    vps:    mptun server --listen [::]:8443            (the tunnel's far end)
+    inet:   python -m mptun.traffic serve              (a peer streaming a checked pattern)
+    router: mptun uplinks [--watch] wan1 wan2 wan3     (endpoints, tables, rules)
+            mptun client --socks 192.0.2.1:1080        (the tunnel's near end)
+    lan:    python -m mptun.traffic fetch --socks ...  (one TCP connection through the tunnel)
+
+Fixed ports are safe here: every process runs in a namespace the test bed just created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from mptun.common.crypto import generate_key
+from mptun.common.netns import Netns
+from mptun.common.testbed import (
+    INET_HOST_V4,
+    INET_HOST_V6,
+    LAN_ROUTER_V4,
+    SERVER_V4,
+    SERVER_V6,
+    Testbed,
+)
+
+SERVER_PORT = 8443
+SOCKS_PORT = 1080
+TRAFFIC_PORT = 9000
+
+
+def mptun_argv(*args: str) -> list[str]:
+    """Run this mptun (the same interpreter and package) inside a namespace."""
+    return [sys.executable, "-m", "mptun", *args]
+
+
+def wait_listening(ns: Netns, port: int, proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Poll `ss` in the namespace until something listens on `port` (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}) before listening on {port}")
+        if ns.exec("ss", "-Htln", f"sport = :{port}").stdout.strip():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on :{port} in {ns.name} after {timeout} s")
+
+
+@dataclass
+class Fetch:
+    """A running `traffic fetch` in the LAN namespace; `rows()` yields its JSON lines."""
+
+    proc: subprocess.Popen
+
+    def rows(self) -> Iterator[dict]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            yield json.loads(line)
+
+
+class Rig:
+    """Starts the processes on a built Testbed; the test bed's teardown stops them."""
+
+    def __init__(
+        self,
+        tb: Testbed,
+        workdir: Path,
+        uplinks: Sequence[str] | None = ("wan1", "wan2", "wan3"),
+        watch: bool = False,
+        server_v6: bool = False,
+        client_args: Sequence[str] = (),
+    ) -> None:
+        assert tb.router and tb.vps and tb.inet and tb.lan, "build the test bed first"
+        self.tb = tb
+        self.dir = workdir
+        self.uplinks = list(uplinks or [])
+        self.watch = watch
+        self.server_ip = SERVER_V6 if server_v6 else SERVER_V4
+        self.client_args = list(client_args)
+        self.key = workdir / "key"
+        self.logs: dict[str, Path] = {}
+        self._files: list[IO] = []
+        self.watcher: subprocess.Popen | None = None
+        self.uplinks_output = ""
+
+    def log(self, name: str) -> IO:
+        path = self.dir / f"{name}.log"
+        self.logs[name] = path
+        f = open(path, "w")  # noqa: SIM115 - closed in close()
+        self._files.append(f)
+        return f
+
+    def start(self) -> None:
+        tb = self.tb
+        assert tb.router and tb.vps and tb.inet
+        fd = os.open(self.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(generate_key() + "\n")
+        srv = tb.vps.popen(
+            mptun_argv(
+                "server", "--listen", f"[::]:{SERVER_PORT}", "--key-file", str(self.key),
+                "--allow-target", "203.0.113.0/24", "--allow-target", "fd00::/8",
+            ),
+            stdout=self.log("server"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        peer = tb.inet.popen(
+            [sys.executable, "-m", "mptun.traffic", "serve", "--listen", f"[::]:{TRAFFIC_PORT}"],
+            stdout=self.log("traffic-serve"),
+            stderr=subprocess.STDOUT,
+        )
+        if self.uplinks:
+            self.configure_uplinks()
+        server = f"[{self.server_ip}]" if self.server_ip.version == 6 else str(self.server_ip)
+        cli = tb.router.popen(
+            mptun_argv(
+                "client", "--server", f"{server}:{SERVER_PORT}", "--key-file", str(self.key),
+                "--socks", f"{LAN_ROUTER_V4}:{SOCKS_PORT}", *self.client_args,
+            ),
+            stdout=self.log("client"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_listening(tb.vps, SERVER_PORT, srv)
+        wait_listening(tb.inet, TRAFFIC_PORT, peer)
+        wait_listening(tb.router, SOCKS_PORT, cli)
+
+    def configure_uplinks(self) -> str:
+        """`mptun uplinks` once (returns what it printed), or `--watch` in the background
+        (waits for its first pass)."""
+        tb = self.tb
+        assert tb.router
+        if not self.watch:
+            r = tb.router.exec(*mptun_argv("uplinks", *self.uplinks), check=False)
+            if r.returncode != 0:
+                raise RuntimeError(f"mptun uplinks failed: {r.stderr.strip()}")
+            self.uplinks_output = r.stdout
+            return r.stdout
+        log_path = self.dir / "watch.log"
+        self.watcher = tb.router.popen(
+            mptun_argv("uplinks", "--watch", *self.uplinks),
+            stdout=self.log("watch"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 15
+        while "watching" not in log_path.read_text():
+            if self.watcher.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mptun uplinks --watch did not start: {log_path.read_text()}")
+            time.sleep(0.05)
+        return log_path.read_text()
+
+    def fetch(self, seconds: float, v6_target: bool = False, interval: float = 0.5) -> Fetch:
+        """One TCP connection from the LAN host through the tunnel, streaming for `seconds`."""
+        assert self.tb.lan
+        target = f"[{INET_HOST_V6}]" if v6_target else str(INET_HOST_V4)
+        proc = self.tb.lan.popen(
+            [
+                sys.executable, "-m", "mptun.traffic", "fetch",
+                "--socks", f"{LAN_ROUTER_V4}:{SOCKS_PORT}",
+                "--target", f"{target}:{TRAFFIC_PORT}",
+                "--seconds", str(seconds), "--interval", str(interval),
+            ],
+            stdout=subprocess.PIPE, stderr=self.log("fetch"), text=True,
+        )  # fmt: skip
+        return Fetch(proc)
+
+    def counters(self, interval: float = 0.5) -> subprocess.Popen:
+        """Per-interval byte counters of the router's uplinks, as JSON lines on stdout."""
+        assert self.tb.router
+        ifaces = [u.router_if for u in self.tb.uplinks]
+        return self.tb.router.popen(
+            [
+                sys.executable,
+                "-m",
+                "mptun.traffic",
+                "counters",
+                *ifaces,
+                "--interval",
+                str(interval),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+    def status(self) -> dict:
+        """`mptun status --json` in the router namespace."""
+        assert self.tb.router
+        r = self.tb.router.exec(*mptun_argv("status", "--json"), check=False)
+        if not r.stdout.strip():
+            raise RuntimeError(f"mptun status gave nothing: {r.stderr.strip()}")
+        return json.loads(r.stdout)
+
+    def sent_totals(self) -> list[int]:
+        """Bytes the traffic peer sent, per finished connection."""
+        path = self.logs["traffic-serve"]
+        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.startswith("{")]
+        return [r["bytes"] for r in rows if r.get("event") == "sent"]
+
+    def dump_logs(self) -> str:
+        out = []
+        for name, path in self.logs.items():
+            try:
+                text = path.read_text()
+            except OSError:
+                continue
+            out.append(f"--- {name} ---\n{text[-4000:]}")
+        return "\n".join(out)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files.clear()

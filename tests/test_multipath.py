@@ -211,7 +211,7 @@ def test_middlebox_stripping_mptcp_falls_back_to_tcp_and_status_says_so(rig):
     f = r.fetch(3)
     time.sleep(1.5)
     before = tunnel(r.status())
-    rows, done = run_fetch(f)
+    _, done = run_fetch(f)
     assert done["ok"] and before["kind"] == "mptcp" and len(before["subflows"]) == 3, before
 
     tb.strip_mptcp()

@@ -301,5 +301,10 @@ def describe() -> str:
     return __doc__ or ""
 
 
+def diagram() -> str:
+    """Just the picture and the uplink addressing, from the docstring."""
+    return "\n\n".join((__doc__ or "").split("\n\n")[2:4]).rstrip()
+
+
 def netns_names_in_use() -> set[str]:
     return set(run(["ip", "netns", "list"]).stdout.split())

@@ -20,6 +20,7 @@ from mptun.client.nftcli import nft
 from mptun.client.uplinks_cli import status, uplinks
 from mptun.common.crypto import generate_key
 from mptun.common.errors import MptunError
+from mptun.demo import demo
 from mptun.options import env
 from mptun.server.cli import server
 from mptun.uci_cli import uci_command
@@ -77,6 +78,7 @@ cli.add_command(nft)
 cli.add_command(bench)
 cli.add_command(uplinks)
 cli.add_command(status)
+cli.add_command(demo)
 
 
 def main(argv: list[str] | None = None) -> None:

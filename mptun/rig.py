@@ -93,6 +93,11 @@ class Rig:
         self.watcher: subprocess.Popen | None = None
         self.uplinks_output = ""
 
+    def _popen(self, ns: Netns, argv: list[str], **kw) -> subprocess.Popen:
+        """Start a process in `ns` in its own session: a terminal's Ctrl-C reaches only the
+        owner (the demo), which then stops everything in order."""
+        return ns.popen(argv, start_new_session=True, **kw)
+
     def log(self, name: str) -> IO:
         path = self.dir / f"{name}.log"
         self.logs[name] = path
@@ -106,14 +111,16 @@ class Rig:
         fd = os.open(self.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(generate_key() + "\n")
-        srv = tb.vps.popen(
+        srv = self._popen(
+            tb.vps,
             mptun_argv(
                 "server", "--listen", f"[::]:{SERVER_PORT}", "--key-file", str(self.key),
                 "--allow-target", "203.0.113.0/24", "--allow-target", "fd00::/8",
             ),
             stdout=self.log("server"), stderr=subprocess.STDOUT,
         )  # fmt: skip
-        peer = tb.inet.popen(
+        peer = self._popen(
+            tb.inet,
             [sys.executable, "-m", "mptun.traffic", "serve", "--listen", f"[::]:{TRAFFIC_PORT}"],
             stdout=self.log("traffic-serve"),
             stderr=subprocess.STDOUT,
@@ -121,7 +128,8 @@ class Rig:
         if self.uplinks:
             self.configure_uplinks()
         server = f"[{self.server_ip}]" if self.server_ip.version == 6 else str(self.server_ip)
-        cli = tb.router.popen(
+        cli = self._popen(
+            tb.router,
             mptun_argv(
                 "client", "--server", f"{server}:{SERVER_PORT}", "--key-file", str(self.key),
                 "--socks", f"{LAN_ROUTER_V4}:{SOCKS_PORT}", *self.client_args,
@@ -144,7 +152,8 @@ class Rig:
             self.uplinks_output = r.stdout
             return r.stdout
         log_path = self.dir / "watch.log"
-        self.watcher = tb.router.popen(
+        self.watcher = self._popen(
+            tb.router,
             mptun_argv("uplinks", "--watch", *self.uplinks),
             stdout=self.log("watch"),
             stderr=subprocess.STDOUT,
@@ -160,7 +169,8 @@ class Rig:
         """One TCP connection from the LAN host through the tunnel, streaming for `seconds`."""
         assert self.tb.lan
         target = f"[{INET_HOST_V6}]" if v6_target else str(INET_HOST_V4)
-        proc = self.tb.lan.popen(
+        proc = self._popen(
+            self.tb.lan,
             [
                 sys.executable, "-m", "mptun.traffic", "fetch",
                 "--socks", f"{LAN_ROUTER_V4}:{SOCKS_PORT}",
@@ -175,7 +185,8 @@ class Rig:
         """Per-interval byte counters of the router's uplinks, as JSON lines on stdout."""
         assert self.tb.router
         ifaces = [u.router_if for u in self.tb.uplinks]
-        return self.tb.router.popen(
+        return self._popen(
+            self.tb.router,
             [
                 sys.executable,
                 "-m",

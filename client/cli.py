@@ -8,10 +8,10 @@ import os
 import click
 
 from mptun.client.check import run_check
+from mptun.client.control import control_option, tunnels_snapshot, wrap_service
 from mptun.client.dns import DnsForwarder, DnsTcpHandler, DnsUdpServer, TunnelExchange
 from mptun.client.dnscache import DnsCache
 from mptun.client.redirect import gateway_listeners
-from mptun.client.control import control_option, tunnels_snapshot, wrap_service
 from mptun.client.service import Client, ListenerSpec
 from mptun.client.socks import ReplyPolicy, SocksListener
 from mptun.client.tunnel import Dialer, TunnelConfig

@@ -432,6 +432,17 @@ def clear_plan(state: State, ifaces: Iterable[str] | None) -> Plan:
             for r in state.rules
             if _ours_rule(r) and (r.src in ips or (r.table in tables and r.table != MAIN_TABLE))
         ]
+    # what no interface has an address for any more serves nobody (a PPP link that is gone)
+    dels += [
+        Action("del", r)
+        for r in state.rules
+        if _ours_rule(r) and r.src is not None and r.src not in {a.ip for a in state.addrs}
+    ]
+    dels += [
+        Action("del", e)
+        for e in state.endpoints
+        if e.ours and e.ip not in {a.ip for a in state.addrs}
+    ]
     out.actions = _ordered(list(dict.fromkeys(dels)), [])
     return out
 

@@ -18,11 +18,12 @@ from mptun.client.uplinks import (
     plan,
 )
 from mptun.common.errors import ConfigError, MptunError
-from mptun.options import config_option, env
+from mptun.options import config_option, env, uci_option
 
 
 @click.command()
 @config_option
+@uci_option
 @click.argument("ifaces", nargs=-1, metavar="[IFACE]...")
 @click.option(
     "--table-base",

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from mptun.client.netlink import Netlink, import_pyroute2
 from mptun.client.uplinks import Memory, Settings, plan
-from mptun.common.errors import MptunError
+from mptun.common.errors import MptunError, Status
 
 log = logging.getLogger("mptun.uplinks")
 
@@ -51,6 +51,8 @@ class Watcher:
             try:
                 nl.apply(a, names)
             except MptunError as e:
+                if e.status is Status.CONFIG:  # no permission: nothing later will work either
+                    raise
                 log.warning("%s", e)
                 continue
             log.info("%s", a.describe(names))

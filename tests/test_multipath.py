@@ -249,3 +249,20 @@ def test_ipv6_tunnel_over_ipv6_uplinks(rig):
     total = sum(u.rate_mbit for u in tb.uplinks)
     print(f"IPv6: {rate:.1f} Mbit/s of {total}")
     assert rate >= 0.75 * total
+
+
+def test_status_explains_a_join_the_server_refused(rig):
+    """A VPS left at a subflow limit of 1: one uplink carries no subflow, and status says why."""
+    tb, r = rig()
+    tb.vps.exec("ip", "mptcp", "limits", "set", "subflows", "1", "add_addr_accepted", "0")
+    f = r.fetch(3)
+    time.sleep(1.5)
+    st = r.status()
+    conn = tunnel(st)
+    _, done = run_fetch(f)
+    assert done["ok"], done
+    assert len(conn["subflows"]) == 2, conn
+    missing = ({"wan1", "wan2", "wan3"} - {sf["iface"] for sf in conn["subflows"]}).pop()
+    (problem,) = [p for p in st["problems"] if p.startswith(f"{conn['id']}: no subflow")]
+    assert f"no subflow from {missing}" in problem
+    assert "server did not accept the join" in problem and "ip mptcp limits" in problem

@@ -257,3 +257,19 @@ def test_parse_gateways_rejects_bad_input(values, error):
 def test_parse_gateways_accepts_both_families():
     got = parse_gateways(["wan1=192.0.2.1", "wan1=[fe80::1]", "wan2=198.51.100.1"])
     assert got == {"wan1": (ip("192.0.2.1"), ip("fe80::1")), "wan2": (ip("198.51.100.1"),)}
+
+
+def test_clearing_a_vanished_interface_removes_what_it_left():
+    st = router()
+    configured = simulate(st, plan(st, ["wan2"], Settings()).actions)
+    gone = replace(
+        configured,
+        links={k: v for k, v in configured.links.items() if k != "wan2"},
+        addrs=[a for a in configured.addrs if a.index != 3],
+    )
+    gone.routes = [r for r in gone.routes if r.oif != 3]  # the kernel took them with the device
+    p = clear_plan(gone, ["wan2"])
+    assert p.notes == ["wan2: no such interface"]
+    left = simulate(gone, p.actions)
+    assert not [r for r in left.rules if r.protocol == MPTUN_PROTO]
+    assert not [e for e in left.endpoints if e.ours]

@@ -292,12 +292,12 @@ def coalesce_option(f: Callable) -> Callable:
     return click.option(
         "--coalesce-ms",
         type=click.FloatRange(min=0, max=100),
-        default=2.0,
+        default=8.0,
         show_default=True,
         envvar=env("coalesce-ms"),
         help="While a connection streams, let bytes wait up to this long so the relay wakes "
-        "once per 64 KiB instead of once per packet (less CPU at WiFi rates); interactive "
-        "traffic is never delayed. 0: relay every packet at once.",
+        "once per 256 KiB instead of once per burst (less CPU at WiFi rates); interactive "
+        "connections are never delayed. 0: relay every byte at once.",
     )(f)
 
 

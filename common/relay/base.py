@@ -8,13 +8,13 @@ resets both legs so the peer never mistakes a truncated stream for a complete on
 
 No coroutine runs per chunk: after setup the relay is a pair of callbacks per socket.
 
-Coalescing (docs/design/batching.md): at WiFi rates every wakeup finds one ~1.4 KiB packet, and a
+Coalescing (docs/design/batching.md): at WiFi rates a wakeup can find one ~1.4 KiB packet, and a
 wakeup costs more than the bytes it moves (FACTS.md: 6.0 CPU s/GB draining per packet, 0.70 with
-SO_RCVLOWAT 64 KiB and a 2 ms timeout). So once a direction *streams* (64 KiB read in wakeups less
-than `delay` apart) its source socket gets SO_RCVLOWAT: the kernel wakes us only when 64 KiB wait
-(or at EOF/error), and a timer reads whatever sits below the mark `delay` after the last read. A
-direction that goes quiet for `delay` drops back to SO_RCVLOWAT 1, so interactive traffic is
-relayed at once; a stream's last bytes wait at most `delay`.
+SO_RCVLOWAT 64 KiB and a 2 ms timeout). So once a direction *streams* (`enter_after` bytes read in
+wakeups less than `delay` apart) its source socket gets SO_RCVLOWAT `low_water`: the kernel wakes
+us only when that much waits (or at EOF/error), and a timer reads whatever sits below the mark
+`delay` after the last read. A direction that goes quiet for `delay` drops back to SO_RCVLOWAT 1,
+so interactive traffic is relayed at once; a stream's last bytes wait at most `delay`.
 """
 
 from __future__ import annotations
@@ -114,9 +114,12 @@ class RelayStats:
 class Coalescing:
     """How a streaming direction batches its reads; `delay` 0 turns batching off."""
 
-    delay: float = 0.002  # longest a byte waits below the mark, in seconds (FACTS.md: 2 ms)
-    low_water: int = 64 * 1024  # SO_RCVLOWAT while streaming
-    enter_after: int = 64 * 1024  # bytes read in wakeups < `delay` apart that make a stream
+    # Measured with `mptun bench` (docs/design/batching.md): 8 ms / 256 KiB cut the receiving
+    # relay's CPU per GB by a third on one 200 Mbit MPTCP path; 2 ms / 64 KiB saved nothing and
+    # cost more on three paths (timer reads and mark changes in MPTCP's reordering stalls).
+    delay: float = 0.008  # longest a byte waits below the mark while streaming, in seconds
+    low_water: int = 256 * 1024  # SO_RCVLOWAT while streaming
+    enter_after: int = 128 * 1024  # bytes read in wakeups < `delay` apart that make a stream
 
     @property
     def enabled(self) -> bool:

@@ -214,6 +214,12 @@ def gather(names: list[str] | None = None) -> Report:
     return rep
 
 
+def _rtt(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.1f}ms" if ms >= 1 else f"{ms * 1000:.0f}us"
+
+
 def _b(n: int | None) -> str:
     return "-" if n is None else human_bytes(n)
 
@@ -244,7 +250,7 @@ def render(rep: Report) -> list[str]:
                     f"{'received':>10} {'sent':>10} {'rtt':>8}"
                 )
             for sf in sfs:
-                rtt = "-" if sf.get("rtt_ms") is None else f"{sf['rtt_ms']:.1f}ms"
+                rtt = _rtt(sf.get("rtt_ms"))
                 lines.append(
                     f"      {sf['id']:>2}  {sf.get('iface', '?'):<8} {sf['local']:<28} "
                     f"{sf['remote']:<28} {_b(sf.get('bytes_received')):>10} "

@@ -193,14 +193,18 @@ def _run(
     fetch.start()
     start = time.monotonic()
     status_text = ""
-    last: dict | None = None
+    last: dict | None = counters.rows[-1] if counters.rows else None
     tick = 1
     while f.proc.poll() is None or tick <= seconds:
         if tick > seconds + 5:
             break
         time.sleep(max(0.0, start + tick - time.monotonic()))
         rows = [r for r in counters.rows if r.get("event") == "counters"]
-        prog = [r for r in fetch.rows if r.get("event") in ("progress", "done")]
+        prog = [
+            {"mono": r["mono"], "bytes": r.get("bytes", 0)}
+            for r in fetch.rows
+            if r.get("event") in ("start", "progress", "done")
+        ]
         if rows and last is not None and rows[-1]["mono"] - last["mono"] >= 0.5:
             now = rows[-1]
             dt = now["mono"] - last["mono"]

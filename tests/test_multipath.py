@@ -36,11 +36,13 @@ def rig(tmp_path: Path) -> Iterator:
     """Factory: a built test bed with the rig started; both torn down, logs shown on failure."""
     made: list[tuple[Testbed, Rig]] = []
 
-    def make(testbed: dict | None = None, **kw) -> tuple[Testbed, Rig]:
+    def make(testbed: dict | None = None, prepare=None, **kw) -> tuple[Testbed, Rig]:
         tb = Testbed(**(testbed or {}))
         tb.__enter__()
         r = Rig(tb, tmp_path, **kw)
         made.append((tb, r))
+        if prepare is not None:
+            prepare(tb)
         r.start()
         return tb, r
 
@@ -232,9 +234,15 @@ def test_middlebox_stripping_mptcp_falls_back_to_tcp_and_status_says_so(rig):
 
 @pytest.mark.slow
 def test_ipv6_tunnel_over_ipv6_uplinks(rig):
-    """Server address, uplinks and target all IPv6: the tunnel works, its subflows are IPv6 on
-    every uplink, and one connection gets more than the fastest uplink alone."""
-    tb, r = rig(server_v6=True)
+    """Server address, uplinks and target all IPv6, and wan3 an IPv6-only uplink: the tunnel
+    works, its subflows are IPv6 on every uplink, and it gets >= 75% of the uplinks' sum."""
+
+    def v6_only_wan3(tb: Testbed) -> None:
+        up = tb.uplink("wan3")
+        tb.router.ip("addr", "del", f"{up.router_v4}/28", "dev", "wan3")
+
+    tb, r = rig(server_v6=True, prepare=v6_only_wan3)
+    assert "198.51.100.49" not in r.uplinks_output and "fd00:10:3::1" in r.uplinks_output
     f = r.fetch(6, v6_target=True)
     time.sleep(3)
     conn = tunnel(r.status())

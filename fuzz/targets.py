@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterator
 
 from mptun.common import address as addr_codec
-from mptun.common import socks5
+from mptun.common import dns, records, socks5
 from mptun.common.crypto import CIPHERS, KEY_LEN, nonce
 from mptun.common.errors import ProtocolError
 from mptun.common.handshake import (
@@ -157,6 +157,61 @@ def address(data: bytes, offset: int = 0) -> object | None:
     return addr
 
 
+def record_stream(data: bytes, chunker: Chunker = whole) -> list[bytes] | None:
+    """Raw bytes as a received record stream (mostly failing authentication)."""
+    opener = records.Opener(CIPHER, PSK, PSK[:12])
+    out: list[bytes] = []
+    try:
+        for piece in chunker(data):
+            out += opener.feed(piece)
+        opener.end_of_stream()
+    except ProtocolError:
+        return None
+    assert opener.closed
+    return out
+
+
+def record_contents(items: list[tuple[bytes, int]], chunker: Chunker = whole) -> None:
+    """Authenticated records of arbitrary content and content type (padding included)."""
+    sealer = records.Sealer(CIPHER, PSK, PSK[:12])
+    opener = records.Opener(CIPHER, PSK, PSK[:12])
+    stream = b"".join(sealer.seal(c[: records.MAX_PLAINTEXT], t & 0xFF) for c, t in items)
+    try:
+        for piece in chunker(stream):
+            opener.feed(piece)
+        opener.end_of_stream()
+    except ProtocolError:
+        return
+
+
+def dns_message(data: bytes) -> object | None:
+    """A DNS message from the LAN or from upstream: parse, and what a cache does with it."""
+    try:
+        msg = dns.parse(data)
+    except ProtocolError:
+        return None
+    for r in msg.records:  # every record's recorded position lies inside the message
+        assert r.ttl_offset + 4 <= len(data)
+    dns.cache_ttl(msg)
+    aged = dns.aged(data, msg, 30)
+    assert len(aged) == len(data)
+    assert len(dns.truncated_for_udp(data, msg, dns.MAX_UDP_PLAIN)) <= max(
+        len(data), dns.question_end(data)
+    )
+    if not msg.is_response:
+        dns.reply_header_only(data, msg, 2)
+    return msg
+
+
+def dns_tcp(data: bytes, chunker: Chunker = whole) -> None:
+    """DNS over TCP framing: any byte stream yields whole messages or waits."""
+    framer = dns.TcpFramer()
+    for piece in chunker(data):
+        framer.receive_data(piece)
+        while (m := framer.next_message()) is not None:
+            dns_message(m)
+
+
 TARGETS: dict[str, Callable[[bytes], object]] = {
     "server-raw": server_handshake,
     "server-plain": lambda d: server_plaintext(d[:REQUEST_FIXED_LEN], d[REQUEST_FIXED_LEN:], True),
@@ -167,6 +222,10 @@ TARGETS: dict[str, Callable[[bytes], object]] = {
     "socks": socks,
     "socks-auth": lambda d: socks(d, with_auth=True),
     "address": address,
+    "records": record_stream,
+    "record-contents": lambda d: record_contents([(d[1:], d[0] if d else 23)]),
+    "dns": dns_message,
+    "dns-tcp": dns_tcp,
 }
 
 
@@ -187,5 +246,8 @@ def corpus_seeds() -> list[bytes]:
         "socks": b"\x05\x01\x00\x05\x01\x00\x03\x0bexample.com\x01\xbb",
         "socks-auth": b"\x05\x01\x02\x01\x04user\x04pass\x05\x01\x00\x01\xc0\x00\x02\x01\x00\x50",
         "address": TARGET.encode(),
+        "records": records.Sealer(CIPHER, PSK, PSK[:12]).seal(b"hello")
+        + records.Sealer(CIPHER, PSK, PSK[:12], seq=1).close_notify(),
+        "dns": dns.build_query("example.com"),
     }
     return [bytes([names.index(n)]) + d for n, d in seeds.items()]

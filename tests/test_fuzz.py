@@ -8,6 +8,7 @@ arbitrary places (h11's habit: whole buffer, byte by byte, and everything betwee
 from __future__ import annotations
 
 import importlib.util
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,40 @@ NAMES = st.from_regex(r"[a-z0-9][a-z0-9-]{0,62}(\.[a-z0-9-]{1,63}){0,3}", fullma
 def test_address_round_trip(host, port: int) -> None:
     addr = Address(ip_or_name(str(host)), port)
     assert targets.address(addr.encode()) == addr
+
+
+@SETTINGS
+@given(st.binary(max_size=600), cuts)
+def test_record_stream_any_bytes(data: bytes, sizes: list[int]) -> None:
+    assert targets.record_stream(data, targets.chunks_of(sizes)) is None  # never authenticates
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.binary(max_size=64), st.integers(0, 255)), max_size=5), cuts)
+def test_record_contents_authenticated_garbage(items, sizes) -> None:
+    """Authenticated records of any content type, padding included (RFC 8446 5.4)."""
+    targets.record_contents(items, targets.chunks_of(sizes))
+
+
+@SETTINGS
+@given(st.binary(max_size=600))
+def test_dns_any_bytes(data: bytes) -> None:
+    targets.dns_message(data)
+
+
+@SETTINGS
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.lists(st.integers(0, 3), min_size=4,
+       max_size=4), st.binary(max_size=300))  # fmt: skip
+def test_dns_structured(msg_id, flags, counts, body) -> None:
+    """A header with small counts, so the parser walks names, records and pointers in the body."""
+    data = struct.pack("!HHHHHH", msg_id, flags, *counts) + body
+    targets.dns_message(data)
+
+
+@SETTINGS
+@given(st.binary(max_size=600), cuts)
+def test_dns_tcp_framing(data: bytes, sizes: list[int]) -> None:
+    targets.dns_tcp(data, targets.chunks_of(sizes))
 
 
 def test_atheris_short_run(tmp_path: Path) -> None:

@@ -166,3 +166,26 @@ def test_socks_per_client_limit(tmp_path: Path, key_file: Path, mptun_pair) -> N
     finally:
         for s in held:
             s.close()
+
+
+def test_running_client_logs_key_and_clock_advice_once(tmp_path: Path, server: ServerProcess):
+    """Tunnels the server never answers: one log line naming key and clock, not one per tunnel."""
+    from mptun.common.address import Address
+    from tests.servers import ClientProcess, socks_open
+
+    other = tmp_path / "other"
+    other.write_text(generate_key() + "\n")
+    other.chmod(0o600)
+    cli = ClientProcess(
+        tmp_path, other, server.port, "--reply", "verified", "--handshake-timeout", "1"
+    )
+    try:
+        for _ in range(3):
+            s, reply = socks_open(cli.socks_port, Address.parse("192.0.2.1:80"), timeout=20)
+            s.close()
+            assert reply == 1
+        advice = [ln for ln in cli.proc.log().splitlines() if "same key" in ln and "clock" in ln]
+        assert len(advice) == 1, advice
+        assert cli.stats()["counters"]["timeout"] == 3
+    finally:
+        cli.stop()

@@ -119,12 +119,23 @@ def test_failed_first_flights_all_look_the_same(server: ServerProcess) -> None:
     late = {k: r.seconds for k, r in results.items() if r.seconds > DEADLINE + 3}
     assert not late, f"closed long after the deadline: {late}"
     assert delta(after, before) == expect
+    # Logged once per burst, not once per probe.
+    lines = [ln for ln in server.proc.log().splitlines() if "absorbing" in ln or "timed out" in ln]
+    assert 1 <= len(lines) <= 3, lines
     spread = sorted(r.seconds for r in results.values())
     print(f"{len(cases)} probes without FIN: {expect}; closed {spread[0]:.3f}-{spread[-1]:.3f} s")
 
 
-def test_half_closed_probes_end_at_the_fin(server: ServerProcess) -> None:
+def test_half_closed_probes_end_at_the_fin(tmp_path: Path, key_file: Path) -> None:
     """A prober that sends FIN gets a FIN back right away, whatever the failure (no RST)."""
+    server = ServerProcess(tmp_path, key_file, "--handshake-timeout", "20", "--allow-private")
+    try:
+        _half_closed(server)
+    finally:
+        server.stop()
+
+
+def _half_closed(server: ServerProcess) -> None:
     with closing_target() as tport:
         target = Address.parse(f"127.0.0.1:{tport}")
         cases, _ = make_cases(server, target)
@@ -133,7 +144,7 @@ def test_half_closed_probes_end_at_the_fin(server: ServerProcess) -> None:
         after = server.counters()
     bad = {k: r for k, r in results.items() if r.received or r.end != "eof"}
     assert not bad, f"bytes back or not a clean close: {bad}"
-    slow = {k: r.seconds for k, r in results.items() if r.seconds > DEADLINE - 0.5}
+    slow = {k: r.seconds for k, r in results.items() if r.seconds > 10}
     assert not slow, f"held until the deadline although the prober closed: {slow}"
     complete = [k for k in cases if not k.startswith(("prefix", "random-"))]
     long_random = [n for n in RANDOM_LENGTHS if n >= AUTH_AT]

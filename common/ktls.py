@@ -108,11 +108,14 @@ def install(
 
 
 def tx_record_seq(sock: socket.socket) -> int:
-    """The sequence number of the next record kTLS will send (read back from the kernel)."""
-    info = sock.getsockopt(SOL_TLS, TLS_TX, 64)
-    kind = struct.unpack_from("<H", info, 2)[0]
-    end = {TLS_CIPHER_AES_GCM_128: 40, TLS_CIPHER_AES_GCM_256: 56}.get(kind, 56)
-    return int.from_bytes(info[end - 8 : end], "big")
+    """The sequence number of the next record kTLS will send (read back from the kernel).
+
+    getsockopt wants the exact struct size (net/tls/tls_main.c): read the cipher type first.
+    """
+    kind = struct.unpack("<HH", sock.getsockopt(SOL_TLS, TLS_TX, 4))[1]
+    size = {TLS_CIPHER_AES_GCM_128: 40, TLS_CIPHER_AES_GCM_256: 56}.get(kind, 56)
+    info = sock.getsockopt(SOL_TLS, TLS_TX, size)
+    return int.from_bytes(info[size - 8 : size], "big")
 
 
 def send_close_notify(sock: socket.socket) -> None:

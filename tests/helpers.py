@@ -16,6 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# How much slower than this machine the tests run: the QEMU guest (tests/test_vm.py) sets it,
+# since its software-emulated CPU starts a Python process in seconds, not milliseconds.
+SLOWDOWN = float(os.environ.get("MPTUN_TEST_SLOWDOWN", "1"))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -25,8 +28,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_listening(host: str, port: int, timeout: float = 10.0, proc=None) -> None:
+def wait_listening(host: str, port: int, timeout: float | None = None, proc=None) -> None:
     """Poll until something accepts on host:port (never a fixed sleep)."""
+    timeout = timeout or 10.0 * SLOWDOWN
     deadline = time.monotonic() + timeout
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     while time.monotonic() < deadline:

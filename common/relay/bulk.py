@@ -9,6 +9,7 @@ MPTCP sockets is used as soon as it exists.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 
@@ -48,19 +49,22 @@ class AutoEngine:
         idle_timeout: float | None = None,
         session: Session = PLAIN,
     ) -> RelayStats:
-        if self.ktls is not None:
+        engine = self.ktls
+        if engine is not None:
             try:
-                self.ktls.install(tunnel, session)
+                engine.install(tunnel, session)
             except ktls.KtlsRefused as e:
+                if e.errno == errno.ENOENT:  # the tls module went away: stop asking
+                    self.ktls = None
                 if e.stage == "rx":  # TX is already in the kernel: aead cannot take over
                     log.warning("kTLS took the send key but not the receive key: %s", e)
-                    return await self.ktls.relay(
+                    return await engine.relay(
                         loop, inner, tunnel, idle_timeout, session, installed=True
                     )
                 self._say_once(f"bulk auto: aead for this tunnel ({e})")
             else:
                 self._say_once("bulk auto: ktls (this tunnel socket takes kTLS)")
-                return await self.ktls.relay(
+                return await engine.relay(
                     loop, inner, tunnel, idle_timeout, session, installed=True
                 )
         return await self.aead.relay(loop, inner, tunnel, idle_timeout, session)

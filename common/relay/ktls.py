@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 
 from mptun.common import ktls
 from mptun.common.errors import ProtocolError, Status
 from mptun.common.records import MAX_PLAINTEXT, RecordLimitReached, record_limit
+from mptun.common.relay.aead import AeadEngine
 from mptun.common.relay.base import PLAIN, Coalescing, Relay, RelayStats, Session
 from mptun.common.relay.splice import DEFAULT_PIPE_SIZE, SplicePump
 from mptun.common.sockets import reset
+
+log = logging.getLogger("mptun.relay")
 
 
 class KtlsTxPump(SplicePump):
@@ -55,10 +59,15 @@ class KtlsRxPump(SplicePump):
         try:
             n = super().fill()
         except OSError as e:
-            if e.errno in (errno.EINVAL, errno.EIO):  # a non-data record is next
-                ktls.recv_control(self.src)  # close_notify, or ProtocolError
+            if e.errno in (errno.EINVAL, errno.EIO):
+                # Either a non-data record is next (splice leaves it queued), or the stream is
+                # malformed and kTLS reports its error once, as EINVAL (measured on 6.12).
+                try:
+                    ktls.recv_control(self.src)  # close_notify, or ProtocolError
+                except BlockingIOError:
+                    raise ProtocolError("malformed record stream (kTLS)", Status.RECORD) from e
                 return 0
-            if e.errno == errno.EBADMSG:
+            if e.errno in (errno.EBADMSG, errno.EMSGSIZE):
                 raise ProtocolError("a record did not authenticate (kTLS)", Status.RECORD) from e
             raise
         if n == 0:
@@ -105,6 +114,11 @@ class KtlsEngine:
             try:
                 self.install(tunnel, session)
             except ktls.KtlsRefused as e:
+                if e.stage != "rx" and e.errno == errno.ENOTCONN:
+                    # The peer already sent FIN (a short request): kTLS takes only established
+                    # sockets (net/tls/tls_main.c), user space can still finish the job.
+                    log.debug("kTLS refused on a half-closed tunnel: aead for this one")
+                    return await AeadEngine().relay(loop, inner, tunnel, idle_timeout, session)
                 return _refused(r, inner, tunnel, f"kTLS refused: {e}")
         assert session.cipher is not None
         limit = record_limit(session.cipher) if self.record_limit is None else self.record_limit

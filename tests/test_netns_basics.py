@@ -13,6 +13,7 @@ import pytest
 from mptun.common.netns import Netns, have_mptcp, have_netns
 from mptun.common.testbed import INET_HOST_V4, INET_HOST_V6, SERVER_V4, SERVER_V6, Testbed
 from tests.conftest import need
+from tests.helpers import SLOWDOWN
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -32,7 +33,9 @@ def listening(ns: Netns, port: int) -> bool:
     return bool(out.strip())
 
 
-def wait_ns_listening(ns: Netns, port: int, proc: subprocess.Popen, timeout: float = 10) -> None:
+def wait_ns_listening(
+    ns: Netns, port: int, proc: subprocess.Popen, timeout: float = 10 * SLOWDOWN
+) -> None:
     import time
 
     deadline = time.monotonic() + timeout

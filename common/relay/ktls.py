@@ -118,7 +118,8 @@ class KtlsEngine:
                     # The peer already sent FIN (a short request): kTLS takes only established
                     # sockets (net/tls/tls_main.c), user space can still finish the job.
                     log.debug("kTLS refused on a half-closed tunnel: aead for this one")
-                    return await AeadEngine().relay(loop, inner, tunnel, idle_timeout, session)
+                    fallback = AeadEngine(coalescing=self.coalescing)
+                    return await fallback.relay(loop, inner, tunnel, idle_timeout, session)
                 return _refused(r, inner, tunnel, f"kTLS refused: {e}")
         assert session.cipher is not None
         limit = record_limit(session.cipher) if self.record_limit is None else self.record_limit

@@ -123,6 +123,21 @@ async def run_load(socks_port: int, target: Address, n: int, size: int, parallel
     return res
 
 
+def steady_fds(pids: dict[str, int], timeout: float = 20.0) -> dict[str, int]:
+    """The fd counts once they stop changing for a second (connections still closing settle)."""
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        now = {name: fds(pid) for name, pid in pids.items()}
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= 1.0:
+            break
+        time.sleep(0.1)
+    assert last is not None
+    return last
+
+
 def settle(pids: dict[str, int], baseline: dict[str, int], timeout: float = 20.0) -> dict:
     """Wait until every process's fd count is back to its baseline (or the timeout)."""
     deadline = time.monotonic() + timeout
@@ -184,8 +199,7 @@ def test_1000_concurrent_tunnels_1mib_each_way(tmp_path: Path, key_file: Path, b
             target = Address.parse(f"127.0.0.1:{tport}")
             warm = asyncio.run(run_load(socks_port, target, 4, MIB, 4))
             assert warm.ok == 4
-            base_fds = settle(pids, {})  # after the warm-up: steady state
-            base_fds = {name: fds(pid) for name, pid in pids.items()}
+            base_fds = steady_fds(pids)  # after the warm-up's connections have closed
             base_rss = {name: rss(pid) for name, pid in pids.items()}
             t0 = time.monotonic()
             res = asyncio.run(run_load(socks_port, target, 1000, MIB, 1000))
@@ -217,7 +231,7 @@ def test_10000_open_close_leak_no_fd(tmp_path: Path, key_file: Path):
         with echo_target() as tport:
             target = Address.parse(f"127.0.0.1:{tport}")
             assert asyncio.run(run_load(socks_port, target, 4, 64, 4)).ok == 4
-            base = {name: fds(pid) for name, pid in pids.items()}
+            base = steady_fds(pids)
             t0 = time.monotonic()
             res = asyncio.run(run_load(socks_port, target, 10_000, 64, 100))
             took = time.monotonic() - t0

@@ -29,8 +29,11 @@ from mptun.common.errors import ConfigError, MptunError
 IFF_UP = 0x1
 IFF_POINTOPOINT = 0x10
 IFF_RUNNING = 0x40
+IFA_F_TEMPORARY = 0x01  # RFC 4941 privacy address: changes, and is for outgoing clients
 IFA_F_DADFAILED = 0x08
+IFA_F_DEPRECATED = 0x20  # preferred lifetime over: no new connections from it
 IFA_F_TENTATIVE = 0x40
+SKIPPED_ADDRS = IFA_F_TEMPORARY | IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TENTATIVE
 RT_SCOPE_UNIVERSE = 0
 RTN_UNICAST = 1
 
@@ -150,7 +153,8 @@ class Netlink:
             if m["family"] not in (socket.AF_INET, socket.AF_INET6):
                 continue
             flags = m.get("IFA_FLAGS") or m["flags"]
-            if m["scope"] != RT_SCOPE_UNIVERSE or flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+            # the kernel allows 8 endpoints per namespace: only stable global addresses
+            if m["scope"] != RT_SCOPE_UNIVERSE or flags & SKIPPED_ADDRS:
                 continue
             text = m.get("IFA_LOCAL") or m.get("IFA_ADDRESS")
             if text:

@@ -62,11 +62,14 @@ def test_uplinks_is_idempotent_and_clear_leaves_the_namespace_as_found(bed: Test
     ns.ip("rule", "add", "from", "192.0.2.0/24", "lookup", "100", "pref", "1500")
     ns.ip("route", "add", "192.0.2.0/24", "dev", "lan0", "table", "1500")
     ns.exec("ip", "mptcp", "endpoint", "add", "192.0.2.1", "dev", "lan0", "signal")
+    # a deprecated address (preferred lifetime over) gets no endpoint: it takes no new flows
+    ns.ip("-6", "addr", "add", "fd00:10:2::99/64", "dev", "wan2", "nodad", "preferred_lft", "0")
     before = snapshot(ns)
 
     r = uplinks(ns, *UPLINKS)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("add endpoint") == 6  # IPv4 + IPv6 on three uplinks
+    assert "fd00:10:2::99" not in r.stdout
     configured = snapshot(ns)
     assert configured != before
     tables = {d.get("table") for d in configured["routes4"] if d.get("protocol") == "247"}

@@ -22,6 +22,7 @@ versions for tests and small messages.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from mptun.common.crypto import NONCE_LEN, TAG_LEN, CipherSpec
@@ -53,6 +54,9 @@ RECORD_LIMITS = {"aes-256-gcm": AES_GCM_RECORD_LIMIT, "aes-128-gcm": AES_GCM_REC
 def record_limit(cipher: CipherSpec) -> int:
     """How many records one key may seal before the connection must end (RFC 8446 5.5)."""
     return RECORD_LIMITS.get(cipher.name, SEQ_SPACE)
+
+
+_HEADER = struct.Struct(">BHH")
 
 
 def record_nonce(iv: bytes, seq: int) -> bytes:
@@ -111,21 +115,23 @@ class Sealer(_Direction):
     def seal_into(self, inner: memoryview, out: memoryview) -> int:
         """Seal `inner` (content followed by its content-type byte) into `out`; return its size.
 
-        `out` must hold at least len(inner) + 21 bytes; the record starts at out[0].
+        `out` must hold at least len(inner) + 21 bytes; the record starts at out[0]. This is the
+        relay's hot path (once per 16 KiB): keep it to a few operations.
         """
-        if self.seq >= self.limit:
+        seq = self.seq
+        if seq >= self.limit:
             raise RecordLimitReached(
-                f"{self.seq} records sealed under one key: the {self.cipher.name} limit"
+                f"{seq} records sealed under one key: the {self.cipher.name} limit"
             )
         n = len(inner) + TAG_LEN
-        header = out[:HEADER_LEN]
-        header[0], header[1], header[2], header[3], header[4] = 0x17, 3, 3, n >> 8, n & 0xFF
-        nonce = self._nonce()
+        header = _HEADER.pack(OPAQUE_TYPE, 0x0303, n)
+        out[:HEADER_LEN] = header
+        nonce = (self.iv_int ^ seq).to_bytes(NONCE_LEN, "big")
         if self._into:
             self.aead.encrypt_into(nonce, inner, header, out[HEADER_LEN : HEADER_LEN + n])
         else:
-            out[HEADER_LEN : HEADER_LEN + n] = self.aead.encrypt(nonce, bytes(inner), bytes(header))
-        self.seq += 1
+            out[HEADER_LEN : HEADER_LEN + n] = self.aead.encrypt(nonce, bytes(inner), header)
+        self.seq = seq + 1
         return HEADER_LEN + n
 
     def seal(self, content: bytes, content_type: int = CONTENT_APPLICATION_DATA) -> bytes:
@@ -172,8 +178,8 @@ class Opener(_Direction):
             raise self._fail(e) from None
         if len(record) != HEADER_LEN + n:
             raise UsageError("open_into() needs exactly one whole record")
-        inner = out[: n - TAG_LEN]
-        header, sealed = record[:HEADER_LEN], record[HEADER_LEN:]
+        inner = out if len(out) == n - TAG_LEN else out[: n - TAG_LEN]
+        header, sealed = bytes(record[:HEADER_LEN]), record[HEADER_LEN:]
         try:
             if self._into:
                 self.aead.decrypt_into(self._nonce(), sealed, header, inner)

@@ -134,11 +134,14 @@ class OpenPump(Pump):
             raise ProtocolError(f"stream truncated {what}", Status.TRUNCATED)
         have = self.have + n
         pos = o = 0
+        buf = self.inbuf
         while have - pos >= HEADER_LEN:
-            size = HEADER_LEN + sealed_length(inview[pos : pos + HEADER_LEN])
+            n = (buf[pos + 3] << 8) | buf[pos + 4]  # checked by open_into (sealed_length)
+            size = HEADER_LEN + n
             if have - pos < size:
+                sealed_length(inview[pos : pos + HEADER_LEN])  # a bad header fails at once
                 break
-            o += open_into(inview[pos : pos + size], outview[o : o + size - HEADER_LEN - TAG_LEN])
+            o += open_into(inview[pos : pos + size], outview[o : o + n - TAG_LEN])
             pos += size
             if self.opener.closed:
                 if pos != have:

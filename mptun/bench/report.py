@@ -156,6 +156,22 @@ def targets(rows: list[dict], results: dict) -> list[tuple[str, bool | None, str
                     f"{a['rtt_median']:.2f} vs {s['rtt_median']:.2f} ms (need <= +2 ms)",
                 )
             )
+        # Issue 5: encrypted bulk data in user space over MPTCP against the incumbent (both
+        # encrypt with AES-256-GCM): at least twice the throughput, at most half the CPU per GB
+        # of both ends together.
+        ratio("raw", "aead-mptcp", INCUMBENT, d, 2.0, f"raw {d}: aead/MPTCP vs ss-libev")
+        a, s = idx.get(("raw", "aead-mptcp", d)), idx.get(("raw", INCUMBENT, d))
+        if a and s and a.get("cpu_client") is not None and s.get("cpu_client") is not None:
+            mine = a["cpu_client"] + a.get("cpu_server", 0.0)
+            theirs = s["cpu_client"] + s.get("cpu_server", 0.0)
+            x = mine / theirs if theirs else float("inf")
+            checks.append(
+                (
+                    f"raw {d}: aead/MPTCP CPU/GB of both ends vs ss-libev",
+                    x <= 0.5,
+                    f"{mine:.2f} vs {theirs:.2f} s/GB = {x:.2f}x (need <= 0.5)",
+                )
+            )
     for m in results.get("idle", []):
         if m["case"] == "splice-mptcp" and "per_connection" in m:
             worst = max(m["per_connection"].values()) * m["connections"] / 2**20
@@ -170,7 +186,7 @@ def targets(rows: list[dict], results: dict) -> list[tuple[str, bool | None, str
 
 
 def format_targets(checks: list[tuple[str, bool | None, str]]) -> str:
-    out = ["", "== targets (issue 8), ratios from this run"]
+    out = ["", "== targets (issues 5 and 8), ratios from this run"]
     for what, ok, detail in checks:
         mark = {True: "PASS", False: "FAIL", None: "n/a "}[ok]
         out.append(f"{mark}  {what}: {detail}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 
@@ -145,28 +146,14 @@ class NetnsEnv(Environment):
             raise
 
     def _uplink_routing(self) -> None:
-        """A table per uplink, `from ADDR lookup TABLE`, an MPTCP subflow endpoint per uplink.
-
-        What `mptun uplinks` (issue 3) will configure; FACTS.md: without it every extra subflow
-        leaves through the default route.
-        """
+        """`mptun uplinks wan1 wan2 wan3` in the router: a table, rules and an MPTCP endpoint
+        per uplink (FACTS.md: without them every extra subflow leaves by the default route)."""
         r = self.bed.router
         assert r is not None
-        for up in self.bed.uplinks:
-            table = str(100 + up.index)
-            r.ip(
-                "route",
-                "add",
-                "default",
-                "via",
-                str(up.vps_v4),
-                "dev",
-                up.router_if,
-                "table",
-                table,
-            )
-            r.ip("rule", "add", "from", str(up.router_v4), "lookup", table)
-            r.ip("mptcp", "endpoint", "add", str(up.router_v4), "dev", up.router_if, "subflow")
+        names = [up.router_if for up in self.bed.uplinks]
+        out = r.exec(sys.executable, "-m", "mptun", "uplinks", *names, check=False)
+        if out.returncode != 0:
+            raise BenchError(f"mptun uplinks failed: {(out.stderr or out.stdout).strip()[-300:]}")
 
     def _nat(self) -> bool:
         assert self.bed.router is not None

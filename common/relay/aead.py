@@ -51,6 +51,13 @@ class SealPump(Pump):
         super().__init__(relay, src, dst, name)
         self.sealer = sealer
         self.slot = MAX_PLAINTEXT + 1
+        self.slots = slots
+        self.allocated = False  # buffers exist only while bytes move (see `shrink`)
+        self.head = self.end = 0
+        self.batch = 0  # plaintext bytes in the records now in the output buffer
+
+    def _alloc(self) -> None:
+        slots = self.slots
         self.inbuf = bytearray(self.slot * slots)
         self.inview = memoryview(self.inbuf)
         for i in range(slots):
@@ -59,8 +66,7 @@ class SealPump(Pump):
         self.iov = [self.inview[b : b + MAX_PLAINTEXT] for b in starts]
         self.outbuf = bytearray(FULL_RECORD * slots)
         self.outview = memoryview(self.outbuf)
-        self.head = self.end = 0
-        self.batch = 0  # plaintext bytes in the records now in the output buffer
+        self.allocated = True
 
     @property
     def pending(self) -> int:
@@ -68,9 +74,11 @@ class SealPump(Pump):
 
     @property
     def space(self) -> int:
-        return 0 if self.end else len(self.inbuf)
+        return 0 if self.end else self.slot * self.slots
 
     def fill(self) -> int:
+        if not self.allocated:
+            self._alloc()
         n = self.src.recvmsg_into(self.iov)[0]
         if n == 0:
             record = self.sealer.close_notify()
@@ -98,7 +106,14 @@ class SealPump(Pump):
             self.batch = 0
         return n
 
+    def shrink(self) -> None:
+        if self.allocated and not self.end:
+            self.release()
+
     def release(self) -> None:
+        if not self.allocated:
+            return
+        self.allocated = False
         self.iov.clear()
         self.inview.release()
         self.outview.release()
@@ -111,12 +126,17 @@ class OpenPump(Pump):
     def __init__(self, relay: Relay, src, dst, name: str, opener: Opener, size: int) -> None:
         super().__init__(relay, src, dst, name)
         self.opener = opener
-        self.inbuf = bytearray(size + MAX_RECORD)  # a carried partial record + one read
-        self.inview = memoryview(self.inbuf)
-        self.outbuf = bytearray(len(self.inbuf))  # plaintext is always shorter than its records
-        self.outview = memoryview(self.outbuf)
+        self.size = size + MAX_RECORD  # a carried partial record + one read
+        self.allocated = False  # buffers exist only while bytes move (see `shrink`)
         self.have = 0  # bytes of a partial record at the front of inbuf
         self.head = self.end = 0
+
+    def _alloc(self) -> None:
+        self.inbuf = bytearray(self.size)
+        self.inview = memoryview(self.inbuf)
+        self.outbuf = bytearray(self.size)  # plaintext is always shorter than its records
+        self.outview = memoryview(self.outbuf)
+        self.allocated = True
 
     @property
     def pending(self) -> int:
@@ -124,9 +144,11 @@ class OpenPump(Pump):
 
     @property
     def space(self) -> int:
-        return 0 if self.end else len(self.inbuf) - self.have
+        return 0 if self.end else self.size - self.have
 
     def fill(self) -> int:
+        if not self.allocated:
+            self._alloc()
         inview, outview, open_into = self.inview, self.outview, self.opener.open_into
         n = self.src.recv_into(inview[self.have :])
         if n == 0:
@@ -162,7 +184,14 @@ class OpenPump(Pump):
             self.head = self.end = 0
         return n
 
+    def shrink(self) -> None:
+        if self.allocated and not self.end and not self.have:  # no partial record to keep
+            self.release()
+
     def release(self) -> None:
+        if not self.allocated:
+            return
+        self.allocated = False
         self.inview.release()
         self.outview.release()
         free_buffers(self.inbuf, self.outbuf)

@@ -186,6 +186,11 @@ class Pump:
     def release(self) -> None:
         """Free the stage (close pipes). Called exactly once."""
 
+    def shrink(self) -> None:
+        """The stage is empty and the direction is not streaming: free buffers until the next
+        fill (an idle connection then holds no user-space buffer). Only with coalescing on,
+        which is what tells a stream (keep them) from interactive traffic."""
+
     def finish(self) -> None:
         """Src ended cleanly and everything is flushed: tell dst (an engine may send more first)."""
         self.dst.shutdown(socket.SHUT_WR)
@@ -311,6 +316,8 @@ class Pump:
         if self._writing:
             self.loop.remove_writer(self.dst_fd)
             self._writing = False
+        if not self.streaming and self.coalescing is not None and not self.eof:
+            self.shrink()
         if self.eof:
             if not self.done:
                 try:

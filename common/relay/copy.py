@@ -1,6 +1,7 @@
 """The `copy` engine: recv_into a buffer, send from it. The portable fallback.
 
-The buffer is allocated at the first read, so idle connections cost no user-space memory.
+The buffer is allocated at the first read and freed whenever it empties outside a stream
+(`Pump.shrink`), so idle connections cost no user-space memory.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class CopyPump(Pump):
         if self.start_ == self.end:
             self.start_ = self.end = 0
         return n
+
+    def shrink(self) -> None:
+        if self.end == 0:
+            self.release()
 
     def release(self) -> None:
         if self.view is not None:

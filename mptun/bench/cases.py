@@ -67,7 +67,7 @@ def all_cases() -> list[Case]:
             "mptun",
             (*plain, "--relay", "splice", "--coalesce-ms", "0"),
         ),
-        Case("aead-mptcp", "mptun aead MPTCP", "mptun", ("--bulk", "aead")),
+        Case("aead-mptcp", "mptun aead MPTCP", "mptun", ("--bulk", "aead"), idle=True),
         Case(
             "ktls-tcp",
             "mptun ktls TCP",
@@ -150,6 +150,11 @@ class Starter:
                 str(self.key),
                 "--socks",
                 f"{env.socks_host}:{cport}",
+                # one LAN host opens every connection (the idle-RSS step holds 1000 at once)
+                "--socks-per-client",
+                "100000",
+                "--max-connections",
+                "100000",
                 *transport,
                 *case.args,
             ]

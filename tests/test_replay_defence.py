@@ -191,3 +191,21 @@ def test_full_cache_refuses_silently(tmp_path: Path, key_file: Path) -> None:
         assert delta(after, before) == {"replay-full": 1}
     finally:
         srv.stop()
+
+
+def test_replay_window_option(tmp_path: Path, key_file: Path) -> None:
+    """--replay-window sets the accepted clock difference (here 5 s: 3 s ahead passes, 10 not)."""
+    srv = ServerProcess(tmp_path, key_file, "--allow-private", "--replay-window", "5")
+    try:
+        with closing_target() as tport:
+            target = Address.parse(f"127.0.0.1:{tport}")
+            ahead = flight(srv.psk, target, clock=lambda: time.time() + 3)
+            exchange(srv.port, ahead.first_flight(), ahead)  # answered: inside the window
+            before = srv.counters()
+            far = flight(srv.psk, target, clock=lambda: time.time() + 10).first_flight()
+            srv_replay(srv.port, far)
+            after = srv.wait_counter("clock", 1)
+        assert delta(after, before) == {"clock": 1}
+        assert srv.stats()["replay"]["window"] == 5
+    finally:
+        srv.stop()

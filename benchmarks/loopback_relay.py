@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Loopback throughput and CPU cost of the tunnel, side by side with a direct connection.
 
-Starts `mptun server` and `mptun client` (SOCKS) on loopback once per relay engine, then moves
+Starts `mptun server` and `mptun client` (SOCKS) on loopback once per engine (plain bulk data with
+the splice and copy engines, encrypted bulk data with the aead engine), then moves
 bytes with kernel-speed endpoints (sendfile out of a tmpfs file, splice into /dev/null) so the
 generator is not the bottleneck. Prints, for each case and direction, the median throughput and
 the CPU seconds per GB spent by the two mptun processes (utime+stime from /proc), and ratios
@@ -170,9 +171,14 @@ def main() -> None:
     print(f"{args.gib} GiB per transfer, {args.runs} runs, tunnel transport {args.transport}")
     try:
         measure("direct", lambda: socket.create_connection(("127.0.0.1", ep.port)), [])
-        for engine in ("splice", "copy"):
+        cases = {
+            "splice": ["--bulk", "plain", "--relay", "splice"],
+            "copy": ["--bulk", "plain", "--relay", "copy"],
+            "aead": ["--bulk", "aead"],
+        }
+        for engine, engine_args in cases.items():
             sport, cport = free_port(), free_port()
-            common = ["--key-file", str(key), "--relay", engine, "--transport", args.transport]
+            common = ["--key-file", str(key), *engine_args, "--transport", args.transport]
             mptun = [sys.executable, "-m", "mptun", "--log-level", "warning"]
             procs = [
                 subprocess.Popen(

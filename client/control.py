@@ -14,10 +14,12 @@ client's own user get an answer (the answer names LAN peers and targets).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -30,6 +32,8 @@ from mptun.common.mptcpinfo import connection_info
 log = logging.getLogger("mptun.client")
 
 PREFIX = "@mptun/client/"
+# sun_path holds 108 bytes (unix(7)): a path needs its NUL, an abstract name its leading NUL.
+MAX_NAME_BYTES = 107
 
 
 def default_name() -> str:
@@ -74,17 +78,21 @@ class ControlServer:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s.bind(_bind_address(self.name))
+            try:
+                s.bind(_bind_address(self.name))
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or not _remove_stale(self.name):
+                    raise
+                s.bind(_bind_address(self.name))
         except OSError as e:
             s.close()
-            raise ConfigError(f"control socket {self.name}: {e.strerror}") from None
+            raise ConfigError(f"control socket {self.name}: {e.strerror or e}") from None
         if not self.name.startswith("@"):
             os.chmod(self.name, 0o600)
         s.listen(8)
         s.setblocking(False)
         self.sock, self.loop = s, loop
         loop.add_reader(s.fileno(), self._accept)
-        log.info("status on control socket %s (mptun status)", self.name)
 
     def _accept(self) -> None:
         assert self.sock is not None and self.loop is not None
@@ -127,6 +135,22 @@ class ControlServer:
                 pass
 
 
+def _remove_stale(name: str) -> bool:
+    """Unlink a socket file nobody listens on (a client killed by SIGKILL leaves one behind,
+    and every later start would fail with EADDRINUSE); True if it was removed."""
+    try:
+        if name.startswith("@") or not stat.S_ISSOCK(os.lstat(name).st_mode):
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(name) != errno.ECONNREFUSED:
+                return False  # someone answers: another client uses it
+        os.unlink(name)
+    except OSError:
+        return False
+    log.info("control socket %s: removed a stale socket file", name)
+    return True
+
+
 def discover() -> list[str]:
     """The control sockets of mptun clients in this network namespace (from /proc/net/unix)."""
     try:
@@ -166,14 +190,48 @@ def query(name: str, timeout: float = 5.0) -> dict:
         raise MptunError(f"control socket {name}: not a status document") from None
 
 
+def check_control_name(value: str) -> str | None:
+    """Why `value` cannot be a --control value, or None: caught at parse time, before any
+    listener starts."""
+    if value in ("auto", "none"):
+        return None
+    if not value or value == "@":
+        return "give auto, none, @NAME or a file path"
+    raw = value[1:] if value.startswith("@") else value
+    try:
+        size = len(raw.encode())
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if size > MAX_NAME_BYTES:
+        return f"{size} bytes; a unix socket name holds at most {MAX_NAME_BYTES}"
+    if value.startswith("@"):
+        return None
+    path = Path(value)
+    if not path.parent.is_dir():
+        return f"directory {str(path.parent)!r} does not exist"
+    if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
+        return "exists and is not a socket"
+    return None
+
+
 def control_option(f: Callable) -> Callable:
     """`--control` for `mptun client` (and `mptun status`, which asks there)."""
     import click
 
     from mptun.options import env
 
+    class ControlName(click.ParamType):
+        name = "control"
+
+        def convert(self, value, param, ctx) -> str:
+            why = check_control_name(str(value))
+            if why is not None:
+                self.fail(f"{value!r}: {why}", param, ctx)
+            return str(value)
+
     return click.option(
         "--control",
+        type=ControlName(),
         default="auto",
         show_default=True,
         envvar=env("control"),
@@ -195,8 +253,13 @@ def wrap_service(
     server = ControlServer(default_name() if control == "auto" else control, snapshot)
 
     def start_all(loop: asyncio.AbstractEventLoop) -> None:
-        start(loop)
-        server.start(loop)
+        server.start(loop)  # first: a bad --control fails before any listener is logged
+        try:
+            start(loop)
+        except BaseException:
+            server.close()
+            raise
+        log.info("status on control socket %s (mptun status)", server.name)
 
     async def stop_all(drain_timeout: float) -> int:
         server.close()

@@ -22,8 +22,10 @@ from mptun.common.handshake import WireMode
 from mptun.common.relay import Coalescing, choose_bulk, choose_engine
 from mptun.common.stats import StatsDump
 from mptun.options import (
+    MAX_CONNECTIONS,
     ForwardPair,
     HostPort,
+    Text,
     bulk_option,
     cipher_option,
     coalesce_option,
@@ -32,6 +34,7 @@ from mptun.options import (
     key_options,
     relay_option,
     resolve_key,
+    seconds,
     stats_option,
     timeout_option,
     transport_option,
@@ -58,11 +61,13 @@ from mptun.options import (
 )
 @click.option(
     "--socks-user",
+    type=Text(1, 255, "RFC 1929"),
     envvar=env("socks-user"),
     help="Require RFC 1929 username/password auth with this user (with --socks-password).",
 )
 @click.option(
     "--socks-password",
+    type=Text(1, 255, "RFC 1929"),
     envvar=env("socks-password"),
     help="Password for --socks-user (prefer the MPTUN_SOCKS_PASSWORD variable or the config).",
 )
@@ -112,7 +117,7 @@ from mptun.options import (
 )
 @click.option(
     "--dns-cache",
-    type=click.IntRange(min=0),
+    type=click.IntRange(0, MAX_CONNECTIONS),
     default=1024,
     show_default=True,
     envvar=env("dns-cache"),
@@ -120,7 +125,7 @@ from mptun.options import (
 )
 @click.option(
     "--dns-max-inflight",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 65535),
     default=64,
     show_default=True,
     envvar=env("dns-max-inflight"),
@@ -138,7 +143,7 @@ from mptun.options import (
 )
 @click.option(
     "--idle-timeout",
-    type=click.FloatRange(min=0),
+    type=seconds(),
     default=0,
     show_default=True,
     envvar=env("idle-timeout"),
@@ -146,7 +151,7 @@ from mptun.options import (
 )
 @click.option(
     "--max-connections",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_CONNECTIONS),
     default=4096,
     show_default=True,
     envvar=env("max-connections"),
@@ -154,7 +159,7 @@ from mptun.options import (
 )
 @click.option(
     "--socks-per-client",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_CONNECTIONS),
     default=256,
     show_default=True,
     envvar=env("socks-per-client"),
@@ -166,6 +171,7 @@ from mptun.options import (
     "--check",
     is_flag=True,
     default=False,
+    envvar=env("check"),
     help="Do one handshake with the server and exit: 0 ok, 3 unreachable, 4 no answer "
     "(key, cipher or clock wrong), 5 not an mptun server with this key.",
 )

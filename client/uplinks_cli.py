@@ -66,15 +66,25 @@ from mptun.options import config_option, env, uci_option
     help="Mark this uplink's endpoints `backup`: used only when no other subflow works "
     "(a metered LTE link). Repeatable.",
 )
-@click.option("--show", is_flag=True, help="Print what mptun configured (no changes).")
-@click.option("--clear", is_flag=True, help="Remove what mptun added (all, or these IFACEs').")
+@click.option(
+    "--show", envvar=env("show"), is_flag=True, help="Print what mptun configured (no changes)."
+)
+@click.option(
+    "--clear",
+    envvar=env("clear"),
+    is_flag=True,
+    help="Remove what mptun added (all, or these IFACEs').",
+)
 @click.option(
     "--watch",
     is_flag=True,
+    envvar=env("watch"),
     help="Configure, then keep watching: restore an uplink's route and endpoint when it "
     "comes back (runs until SIGTERM).",
 )
-@click.option("--dry-run", is_flag=True, help="Print the changes without making them.")
+@click.option(
+    "--dry-run", envvar=env("dry-run"), is_flag=True, help="Print the changes without making them."
+)
 def uplinks(
     ifaces: tuple[str, ...],
     table_base: int,
@@ -149,7 +159,13 @@ def uplinks(
 
 @click.command()
 @control_option
-@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    envvar=env("json"),
+    help="One JSON document instead of text.",
+)
 def status(control: str, as_json: bool) -> None:
     """Live tunnels and their subflows, the uplinks, and why speeds may not add up.
 

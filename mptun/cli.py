@@ -21,7 +21,7 @@ from mptun.client.uplinks_cli import status, uplinks
 from mptun.common.crypto import generate_key
 from mptun.common.errors import MptunError
 from mptun.demo import demo
-from mptun.options import env
+from mptun.options import OutputFile, env
 from mptun.server.cli import server
 from mptun.uci_cli import uci_command
 
@@ -51,7 +51,8 @@ def cli(log_level: str) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False),
+    type=OutputFile(),
+    envvar=env("output"),
     help="Write the key to this file (created mode 600, never overwritten) instead of stdout.",
 )
 def genkey(output: str | None) -> None:
@@ -81,6 +82,25 @@ cli.add_command(status)
 cli.add_command(demo)
 
 
+def _where_from(e: click.ClickException) -> str:
+    """Where a bad or missing option value came from, when not the command line: a value set in
+    an init script's environment is otherwise hard to find."""
+    if not isinstance(e, click.BadParameter) or e.ctx is None or e.param is None:
+        return ""
+    envvar = e.param.envvar if isinstance(e.param.envvar, str) else None
+    if isinstance(e, click.MissingParameter):
+        if not envvar or not isinstance(e.param, click.Option):
+            return ""
+        where = f" (or {envvar}"
+        if any(p.name in ("config", "uci") for p in e.ctx.command.params):
+            where += f", or `{e.param.name.replace('_', '-')}` in the config file"
+        return where + ")"
+    source = e.ctx.get_parameter_source(e.param.name or "")
+    if source == click.core.ParameterSource.ENVIRONMENT and envvar:
+        return f" (from the environment: {envvar})"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning every error into one line and an exit status."""
     prog = "mptun"
@@ -89,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        click.echo(f"{prog}: error: {e.format_message()}", err=True)
+        msg, where = e.format_message(), _where_from(e)
+        click.echo(f"{prog}: error: {msg.rstrip('.') + where if where else msg}", err=True)
         sys.exit(e.exit_code)
     except click.Abort:
         click.echo(f"{prog}: aborted", err=True)

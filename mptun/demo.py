@@ -22,6 +22,7 @@ import click
 
 from mptun.common.netns import have_mptcp
 from mptun.common.testbed import SERVER_V4, Testbed, diagram
+from mptun.options import Number, env
 from mptun.rig import SERVER_PORT, Rig, mptun_argv
 
 NOT_ROOT = """\
@@ -37,13 +38,16 @@ CONFIG_MPTCP=y (the stock kernels of Debian 11+, Ubuntu 22.04+ and Fedora have i
 Nothing was changed."""
 
 
-def _parse_rates(text: str) -> tuple[float, ...]:
+def _parse_rates(text: str, param: click.Parameter | None = None) -> tuple[float, ...]:
+    """`100,60,40` -> (100.0, 60.0, 40.0): one to three uplinks, each 1-2000 Mbit/s."""
     try:
         rates = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise click.BadParameter(f"{text!r}: give Mbit/s per uplink, e.g. 100,60,40") from None
+        raise click.BadParameter(
+            f"{text!r}: give Mbit/s per uplink, e.g. 100,60,40", param=param
+        ) from None
     if not 1 <= len(rates) <= 3 or any(not 1 <= r <= 2000 for r in rates):
-        raise click.BadParameter("one to three uplinks, each 1-2000 Mbit/s")
+        raise click.BadParameter("one to three uplinks, each 1-2000 Mbit/s", param=param)
     return rates
 
 
@@ -84,23 +88,26 @@ def _teardown_guard() -> Iterator[None]:
 @click.command()
 @click.option(
     "--seconds",
-    type=click.FloatRange(3, 120),
+    type=Number(3, 120),
     default=10,
     show_default=True,
+    envvar=env("seconds"),
     help="How long the transfer runs.",
 )
 @click.option(
     "--rates",
     default="100,60,40",
     show_default=True,
+    envvar=env("rates"),
+    callback=lambda ctx, param, value: _parse_rates(value, param),
     help="Mbit/s of each uplink (one to three), shaped with tbf both ways.",
 )
-def demo(seconds: float, rates: str) -> None:
+def demo(seconds: float, rates: tuple[float, ...]) -> None:
     """The multipath demo: one TCP connection over three shaped uplinks, live, then cleanup.
 
     Needs root and a kernel with MPTCP; it says so, changing nothing, when either is missing.
     """
-    link_rates = _parse_rates(rates)
+    link_rates = rates
     say = click.echo
     if os.geteuid() != 0:
         say(NOT_ROOT.format(rates=" / ".join(f"{r:g}" for r in link_rates)), err=True)

@@ -12,6 +12,8 @@ type is the command's name (`config client 'main'`) gives option names as keys, 
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
 import tomllib
 from collections.abc import Callable
@@ -29,11 +31,71 @@ ENV_PREFIX = "MPTUN_"
 # Keys a UCI section may carry for the init script and the hotplug hook, not for the command.
 UCI_SERVICE_KEYS = ("enabled", "disabled")
 _CONFIG_SOURCE = "mptun.config_source"  # ctx.meta key: which file filled default_map
+# Bounds that turn an absurd value into an error instead of a process that misbehaves later.
+MAX_SECONDS = 86400.0  # durations: at most a day
+MAX_CONNECTIONS = 1_000_000  # no process holds more fds (the kernel's default fs.nr_open: 2**20)
 
 
 def env(name: str) -> str:
     """The environment variable for a long option: --key-file -> MPTUN_KEY_FILE."""
     return ENV_PREFIX + name.upper().replace("-", "_")
+
+
+class Number(click.FloatRange):
+    """A finite number in [min, max]: click's FloatRange lets nan through (nan fails no
+    comparison), and a nan timeout never fires."""
+
+    def __init__(self, min: float, max: float) -> None:
+        super().__init__(min=min, max=max)
+
+    def convert(self, value: Any, param, ctx) -> float:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return rv
+
+
+def seconds(min: float = 0.0) -> Number:
+    """A duration option's type: finite, at least `min`, at most a day."""
+    return Number(min, MAX_SECONDS)
+
+
+class OutputFile(click.Path):
+    """A file mptun writes later (counters, the replay cache, a key, a report): its directory
+    must exist and be writable now, so a typo fails at start rather than at SIGUSR1 or exit."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, readable=False)
+
+    def convert(self, value: Any, param, ctx) -> str:
+        rv = super().convert(value, param, ctx)
+        if not str(rv):
+            self.fail("empty path", param, ctx)
+        parent = Path(rv).parent
+        if not parent.is_dir():
+            self.fail(f"{rv}: directory {str(parent)!r} does not exist", param, ctx)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            self.fail(f"{rv}: directory {str(parent)!r} is not writable", param, ctx)
+        return rv
+
+
+class Text(click.ParamType):
+    """Text of `min`-`max` UTF-8 bytes, as a wire format bounds it (`why` names the format)."""
+
+    name = "text"
+
+    def __init__(self, min: int, max: int, why: str) -> None:
+        self.min, self.max, self.why = min, max, why
+
+    def convert(self, value: Any, param, ctx) -> str:
+        text = str(value)
+        try:
+            n = len(text.encode("utf-8"))
+        except UnicodeEncodeError:  # undecodable bytes in argv or the environment
+            self.fail("not valid UTF-8", param, ctx)
+        if not self.min <= n <= self.max:
+            self.fail(f"{n} bytes; {self.why} allows {self.min}-{self.max}", param, ctx)
+        return text
 
 
 class HostPort(click.ParamType):
@@ -101,13 +163,59 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     defaults: dict[str, Any] = {}
     for key, val in section.items():
         p = _known_option(ctx, key, f"{value}: unknown key {key!r} in [{table}]", param)
+        where = f"{value}: [{table}] {key}"
         if p.multiple and not isinstance(val, list):
             val = [val]
-        if isinstance(val, dict):
-            raise click.BadParameter(f"{value}: [{table}] {key} must not be a table", ctx, param)
+        elif not p.multiple and isinstance(val, list):
+            raise click.BadParameter(f"{where}: takes one value, not an array", ctx, param)
+        for item in val if p.multiple else [val]:
+            _check_toml_kind(p, item, where, ctx, param)
+        try:
+            p.type_cast_value(ctx, val)
+        except click.BadParameter as e:
+            raise click.BadParameter(f"{where}: {e.message}", ctx, param) from None
         defaults[p.name or key] = val
     _merge_defaults(ctx, defaults)
     return value
+
+
+def _toml_kind(val: Any) -> str:
+    """What a TOML value is, in the words of the TOML spec."""
+    if isinstance(val, bool):
+        return "a boolean"
+    if isinstance(val, int):
+        return "an integer"
+    if isinstance(val, float):
+        return "a float"
+    if isinstance(val, str):
+        return "a string"
+    if isinstance(val, list):
+        return "an array"
+    if isinstance(val, dict):
+        return "a table"
+    if isinstance(val, datetime.date | datetime.time):
+        return "a date/time"
+    return type(val).__name__
+
+
+def _check_toml_kind(
+    p: click.Option, val: Any, where: str, ctx: click.Context, param: click.Parameter
+) -> None:
+    """A string is read as on the command line; besides strings, flags take booleans and numeric
+    options numbers. `max-connections = true` or `socks-password = 1e3` are mistakes, not 1 and
+    "1000.0" (Python's bool is an int, and click would take either)."""
+    if isinstance(val, str):
+        return
+    if p.is_flag:
+        ok, want = isinstance(val, bool), "a boolean (true or false)"
+    elif isinstance(p.type, click.types.IntParamType):
+        ok, want = isinstance(val, int) and not isinstance(val, bool), "an integer"
+    elif isinstance(p.type, click.types.FloatParamType):
+        ok, want = isinstance(val, int | float) and not isinstance(val, bool), "a number"
+    else:
+        ok, want = False, "a string (in quotes)"
+    if not ok:
+        raise click.BadParameter(f"{where}: expected {want}, not {_toml_kind(val)}", ctx, param)
 
 
 def _config_params(ctx: click.Context) -> dict[str, click.Parameter]:
@@ -291,7 +399,7 @@ def bulk_option(f: Callable) -> Callable:
 def coalesce_option(f: Callable) -> Callable:
     return click.option(
         "--coalesce-ms",
-        type=click.FloatRange(min=0, max=100),
+        type=Number(min=0, max=100),
         default=8.0,
         show_default=True,
         envvar=env("coalesce-ms"),
@@ -304,7 +412,7 @@ def coalesce_option(f: Callable) -> Callable:
 def timeout_option(name: str, default: float, what: str) -> Callable[[Callable], Callable]:
     return click.option(
         f"--{name}",
-        type=click.FloatRange(min=0.1),
+        type=seconds(min=0.1),
         default=default,
         show_default=True,
         envvar=env(name),
@@ -345,7 +453,7 @@ class ReloadableCommand(click.Command):
 def stats_option(f: Callable) -> Callable:
     return click.option(
         "--stats-file",
-        type=click.Path(dir_okay=False),
+        type=OutputFile(),
         envvar=env("stats-file"),
         help="Write the counters here as JSON on SIGUSR1 and at exit (they are logged too).",
     )(f)

@@ -14,7 +14,9 @@ from mptun.common.relay import Coalescing, choose_bulk, choose_engine
 from mptun.common.replay import DEFAULT_CAPACITY, DEFAULT_WINDOW
 from mptun.common.stats import StatsDump
 from mptun.options import (
+    MAX_CONNECTIONS,
     HostPort,
+    OutputFile,
     ReloadableCommand,
     bulk_option,
     cipher_option,
@@ -24,6 +26,7 @@ from mptun.options import (
     key_options,
     relay_option,
     resolve_key,
+    seconds,
     stats_option,
     timeout_option,
     transport_option,
@@ -32,6 +35,8 @@ from mptun.server.policy import TargetPolicy, parse_cidrs
 from mptun.server.service import Server, ServerConfig
 
 log = logging.getLogger("mptun.server")
+# ~200 bytes a salt (common/replay.py): 10 million is ~2 GB, more than a VPS should give it.
+MAX_REPLAY_CAPACITY = 10_000_000
 
 
 @click.command(cls=ReloadableCommand)
@@ -66,7 +71,7 @@ log = logging.getLogger("mptun.server")
 @timeout_option("connect-timeout", 10.0, "Seconds to resolve and connect to a target.")
 @click.option(
     "--idle-timeout",
-    type=click.FloatRange(min=0),
+    type=seconds(),
     default=0,
     show_default=True,
     envvar=env("idle-timeout"),
@@ -74,7 +79,7 @@ log = logging.getLogger("mptun.server")
 )
 @click.option(
     "--max-connections",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_CONNECTIONS),
     default=4096,
     show_default=True,
     envvar=env("max-connections"),
@@ -82,7 +87,7 @@ log = logging.getLogger("mptun.server")
 )
 @click.option(
     "--replay-window",
-    type=click.FloatRange(min=1),
+    type=seconds(min=1),
     default=DEFAULT_WINDOW,
     show_default=True,
     envvar=env("replay-window"),
@@ -90,7 +95,7 @@ log = logging.getLogger("mptun.server")
 )
 @click.option(
     "--replay-capacity",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_REPLAY_CAPACITY),
     default=DEFAULT_CAPACITY,
     show_default=True,
     envvar=env("replay-capacity"),
@@ -98,7 +103,7 @@ log = logging.getLogger("mptun.server")
 )
 @click.option(
     "--replay-file",
-    type=click.Path(dir_okay=False),
+    type=OutputFile(),
     envvar=env("replay-file"),
     help="Save the replay cache here on stop and restore it on start (survives restarts).",
 )

@@ -116,9 +116,9 @@ def test_port_in_use(key_file: Path):
 @pytest.mark.parametrize(
     ("text", "words"),
     [
-        ("[server]\nlisten = 5\nfrob = 1\n", ["unknown key 'frob'"]),
+        ('[server]\nlisten = "127.0.0.1:1"\nfrob = 1\n', ["unknown key 'frob'"]),
         ("[server\n", ["not valid TOML"]),
-        ('[server]\nlisten = "nonsense"\n', ["--listen"]),
+        ('[server]\nlisten = "nonsense"\n', ["c.toml: [server] listen: bad address"]),
     ],
 )
 def test_bad_config(tmp_path: Path, key_file: Path, text, words):

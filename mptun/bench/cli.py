@@ -16,7 +16,7 @@ from mptun.bench.cases import all_cases
 from mptun.bench.env import BenchError, open_environment
 from mptun.bench.runner import Progress, Runner, Settings
 from mptun.common.errors import ConfigError, MptunError
-from mptun.options import env
+from mptun.options import Number, OutputFile, env
 
 
 @click.command()
@@ -31,7 +31,7 @@ from mptun.options import env
 )
 @click.option(
     "--seconds",
-    type=click.FloatRange(min=0.5, max=600),
+    type=Number(0.5, 600),
     default=5.0,
     show_default=True,
     envvar=env("seconds"),
@@ -69,7 +69,7 @@ from mptun.options import env
 )
 @click.option(
     "--connrate-seconds",
-    type=click.FloatRange(min=0),
+    type=Number(0, 600),
     default=3.0,
     show_default=True,
     envvar=env("connrate-seconds"),
@@ -84,7 +84,7 @@ from mptun.options import env
 @click.option(
     "--json",
     "json_path",
-    type=click.Path(dir_okay=False),
+    type=OutputFile(),
     default="bench.json",
     show_default=True,
     envvar=env("json"),
@@ -93,13 +93,15 @@ from mptun.options import env
 @click.option(
     "--chart",
     "chart_path",
-    type=click.Path(dir_okay=False),
+    type=OutputFile(),
     default="bench.png",
     show_default=True,
     envvar=env("chart"),
     help="Write a PNG chart here (needs the `chart` extra: matplotlib).",
 )
-@click.option("--list", "list_cases", is_flag=True, help="List the cases and exit.")
+@click.option(
+    "--list", "list_cases", is_flag=True, envvar=env("list"), help="List the cases and exit."
+)
 def bench(
     mode,
     seconds,

@@ -6,6 +6,7 @@ Errors reach the user as one line on stderr and a non-zero exit status, never a 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -14,21 +15,44 @@ from pathlib import Path
 import click
 
 from mptun import __version__
-from mptun.bench.cli import bench
-from mptun.client.cli import client
-from mptun.client.nftcli import nft
-from mptun.client.uplinks_cli import status, uplinks
 from mptun.common.crypto import generate_key
 from mptun.common.errors import MptunError
-from mptun.demo import demo
 from mptun.options import OutputFile, env
-from mptun.server.cli import server
-from mptun.uci_cli import uci_command
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
+# Commands imported when used: `mptun uci` in an OpenWrt init script should not pay for the
+# bench and the client (importing everything took ~0.4 s here, a router's CPU is far slower).
+LAZY_COMMANDS = {
+    "server": "mptun.server.cli:server",
+    "client": "mptun.client.cli:client",
+    "uci": "mptun.uci_cli:uci_command",
+    "nft": "mptun.client.nftcli:nft",
+    "bench": "mptun.bench.cli:bench",
+    "uplinks": "mptun.client.uplinks_cli:uplinks",
+    "status": "mptun.client.uplinks_cli:status",
+    "demo": "mptun.demo:demo",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose commands (LAZY_COMMANDS) are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS and cmd_name not in self.commands:
+            module, attr = LAZY_COMMANDS[cmd_name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def all_commands(self) -> dict[str, click.Command]:
+        """Every command, imported (for tools and tests that walk the tree)."""
+        with click.Context(self) as ctx:
+            return {n: c for n in self.list_commands(ctx) if (c := self.get_command(ctx, n))}
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mptun")
 @click.option(
     "--log-level",
@@ -70,16 +94,6 @@ def genkey(output: str | None) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
     click.echo(f"wrote a new key to {Path(output).resolve()}", err=True)
-
-
-cli.add_command(server)
-cli.add_command(client)
-cli.add_command(uci_command)
-cli.add_command(nft)
-cli.add_command(bench)
-cli.add_command(uplinks)
-cli.add_command(status)
-cli.add_command(demo)
 
 
 def _where_from(e: click.ClickException) -> str:

@@ -19,12 +19,15 @@ UPLINK_KEYS = ("interface", *UCI_SERVICE_KEYS)
 
 def _commands_with_uci(ctx: click.Context) -> dict[str, click.Command]:
     """The sibling commands that read a UCI section (they carry --uci)."""
-    group = ctx.find_root().command
-    commands = getattr(group, "commands", {})
+    root = ctx.find_root()
+    group = root.command
+    if not isinstance(group, click.Group):
+        return {}
+    commands = {n: group.get_command(root, n) for n in group.list_commands(root)}
     return {
         name: cmd
         for name, cmd in commands.items()
-        if any(p.name == "uci" for p in getattr(cmd, "params", []))
+        if cmd is not None and any(p.name == "uci" for p in cmd.params)
     }
 
 

@@ -144,9 +144,9 @@ class GatewaySettings:
             raise ConfigError("give at least one LAN interface")
         for name in self.lan_interfaces:
             if not _IFNAME.match(name):
-                raise ConfigError(f"not an interface name: {name!r}")
+                raise ConfigError(f"lan: not an interface name: {name!r}")
         if not _TABLE_NAME.match(self.table):
-            raise ConfigError(f"not a table name: {self.table!r} (letters, digits, _)")
+            raise ConfigError(f"table: not a table name: {self.table!r} (letters, digits, _)")
         if not 0 < self.mark <= 0xFFFFFFFF:
             raise ConfigError(f"mark must be 1-0xffffffff, not {self.mark:#x}")
         if not 0 < self.route_table < 0xFFFFFFFF or self.route_table in (253, 254, 255):

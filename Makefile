@@ -17,6 +17,7 @@ deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
+	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" -ne 0 ]; then echo "missing packages:$$missing (run as root to install)"; \
 	  else echo "installing:$$missing"; \
@@ -26,7 +27,8 @@ deps:
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV) || { echo "$(PYTHON) -m venv failed: Debian and Ubuntu ship venv as" \
+	  "the python3-venv package (apt-get install python3-venv; make deps does it as root)"; exit 1; }
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

@@ -170,3 +170,41 @@ def test_sigterm_exits_zero(tmp_path: Path, key_file: Path):
     wait_listening("127.0.0.1", port, proc=proc.proc)
     assert proc.stop() == 0
     assert "stopped" in proc.log()
+
+
+def test_errors_say_where_a_value_came_from(tmp_path: Path, key_file: Path):
+    """A bad value from the environment names its variable; a missing option its other doors."""
+    r = mptun(
+        "server", "--listen", f"127.0.0.1:{free_port()}", "--key-file", str(key_file),
+        env={"MPTUN_MAX_CONNECTIONS": "many"},
+    )  # fmt: skip
+    assert_one_line_error(r, "--max-connections", "(from the environment: MPTUN_MAX_CONNECTIONS)")
+    r = mptun("server", "--listen", f"127.0.0.1:{free_port()}", "--max-connections", "many")
+    assert_one_line_error(r, "--max-connections")
+    assert "environment" not in r.stderr
+    r = mptun("client", "--socks", "127.0.0.1:1")
+    assert_one_line_error(r, "(or MPTUN_SERVER, or `server` in the config file)")
+
+
+def test_control_socket_file_left_by_a_killed_client_is_replaced(tmp_path: Path, key_file: Path):
+    """A socket file nobody listens on (the client was SIGKILLed) does not block a restart;
+    one a running client listens on does, with one error line before any listener starts."""
+    path = tmp_path / "control.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens: what SIGKILL leaves
+    port = free_port()
+    args = ["client", "--server", "127.0.0.1:1", "--key-file", str(key_file)]
+    proc = MptunProcess(
+        [*args, "--socks", f"127.0.0.1:{port}", "--control", str(path)], tmp_path / "c.log"
+    )
+    try:
+        wait_listening("127.0.0.1", port, proc=proc.proc)
+        assert "removed a stale socket file" in proc.log()
+        r = mptun("status", "--json", "--control", str(path))
+        assert r.returncode == 0, r.stderr
+        r = mptun(*args, "--socks", f"127.0.0.1:{free_port()}", "--control", str(path))
+        assert_one_line_error(r, "control socket", "address already in use")
+    finally:
+        assert proc.stop() == 0, proc.log()
+    assert not path.exists()  # a clean stop removes it

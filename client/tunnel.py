@@ -13,7 +13,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mptun.common.address import Address
 from mptun.common.crypto import CipherSpec
@@ -51,7 +51,7 @@ StatusHook = Callable[[ConnectStatus], Awaitable[bool]]
 @dataclass
 class TunnelConfig:
     server: Address
-    psk: bytes
+    psk: bytes = field(repr=False)  # never in a log line, even a debug repr
     cipher: CipherSpec
     engine: Engine
     mptcp: bool = True

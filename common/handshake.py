@@ -88,7 +88,7 @@ class Response:
     status: ConnectStatus
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)  # no repr: keys never reach a log line
 class BulkKeys:
     """Per-direction key and IV for the encrypted wire mode (derived from both salts)."""
 

@@ -60,7 +60,7 @@ _ERRNO_STATUS = {
 @dataclass
 class ServerConfig:
     listen: Address
-    psk: bytes
+    psk: bytes = field(repr=False)  # never in a log line, even a debug repr
     cipher: CipherSpec
     engine: Engine
     policy: TargetPolicy = field(default_factory=TargetPolicy)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mptun.common.address import Address
 from tests.helpers import MptunProcess, free_port, wait_listening
 
 
@@ -208,3 +209,26 @@ def test_control_socket_file_left_by_a_killed_client_is_replaced(tmp_path: Path,
     finally:
         assert proc.stop() == 0, proc.log()
     assert not path.exists()  # a clean stop removes it
+
+
+def test_config_objects_do_not_show_keys(key_file: Path):
+    """A repr of what holds the key (as a debug line or an error might print) shows no key."""
+    from mptun.client.tunnel import TunnelConfig
+    from mptun.common.crypto import cipher_by_name, load_key_file
+    from mptun.common.handshake import derive_bulk_keys
+    from mptun.common.relay import Coalescing, choose_engine
+    from mptun.server.service import ServerConfig
+
+    psk = load_key_file(str(key_file))
+    cipher = cipher_by_name("aes-256-gcm")
+    engine = choose_engine("copy", Coalescing())
+    addr = Address.parse("127.0.0.1:1")
+    keys = derive_bulk_keys(psk, cipher, bytes(32), bytes(32))
+    for obj in (
+        ServerConfig(listen=addr, psk=psk, cipher=cipher, engine=engine),
+        TunnelConfig(server=addr, psk=psk, cipher=cipher, engine=engine),
+        keys,
+    ):
+        text = repr(obj)
+        for secret in (psk, keys.c2s_key, keys.s2c_key):
+            assert repr(secret) not in text and secret.hex() not in text

@@ -39,6 +39,18 @@ STRING_SAMPLES = {
     "rates": "50,50",
     "control": "@mptun-contract-test",
 }
+OTHER_SAMPLES = {
+    "allow-target": "198.51.100.0/24",
+    "bypass": "198.51.100.0/24",
+    "lan": "eth8",
+    "server": "192.0.2.2",
+    "gateway": "eth9=192.0.2.2",
+    "backup": "eth8",
+    "table": "t2",
+    "cases": "splice-tcp",
+    "rates": "40,40",
+    "control": "@mptun-contract-test2",
+}
 
 
 def commands() -> Iterator[tuple[str, click.Command]]:
@@ -192,28 +204,32 @@ def test_option_has_its_env_var(item: tuple[str, click.Option]) -> None:
 # ---- every layer sets every option -----------------------------------------------------------
 
 
-def sample(p: click.Option, tmp: Path) -> str | bool:
-    """A valid value for `p` that differs from its default (a bool for flags)."""
+def sample(p: click.Option, tmp: Path, other: bool = False) -> str | bool:
+    """A valid value for `p` that differs from its default (a bool for flags); `other`: a second
+    valid value that differs from the first."""
     if p.is_flag:
-        return p.default is not True
+        return (p.default is not True) != other
     t = p.type
     name = long_name(p) or ""
     if isinstance(t, click.Choice):
-        return next(str(c) for c in t.choices if c != p.default)
+        first = next(str(c) for c in t.choices if c != p.default)
+        return next(str(c) for c in t.choices if c != first) if other else first
     if isinstance(t, click.types.IntParamType):
         lo = t.min if isinstance(t, click.IntRange) and t.min is not None else 1
-        return str(lo if lo != p.default else lo + 1)
+        return str((lo if lo != p.default else lo + 1) + 2 * other)
     if isinstance(t, click.types.FloatParamType):
         lo = t.min if isinstance(t, click.FloatRange) and t.min is not None else 0
-        return str(lo + 1.5)
+        return str(lo + 1.5 + other)
     if isinstance(t, HostPort):
-        return "127.0.0.1:1234"
+        return f"127.0.0.1:{1234 + other}"
     if t.name == "local=target":
-        return "127.0.0.1:1234=example.net:22"
+        return f"127.0.0.1:{1234 + other}=example.net:22"
     if isinstance(t, OutputFile | click.Path):
-        return str(tmp / f"{name}.out")
+        return str(tmp / f"{name}{int(other)}.out")
     if isinstance(t, Text):
-        return "user1"
+        return f"user{1 + other}"
+    if other:
+        return OTHER_SAMPLES.get(name, "x2")
     return STRING_SAMPLES.get(name, "x1")
 
 
@@ -339,6 +355,37 @@ def test_uci_key_sets_the_option(item: tuple[str, click.Option], tmp_path: Path)
     ctx = parse(command, ["--uci", str(conf), *required_args(cmd, tmp_path, p)])
     assert ctx.params[p.name or ""] == want
     assert ctx.get_parameter_source(p.name or "") == click.core.ParameterSource.DEFAULT_MAP
+
+
+def env_text(p: click.Option, v: str | bool) -> str:
+    return ("1" if v else "0") if p.is_flag else str(v)
+
+
+def cli_words(p: click.Option, v: str | bool) -> list[str]:
+    if p.is_flag:
+        return [(p.opts if v else p.secondary_opts or p.opts)[0]] if v or p.secondary_opts else []
+    return [f"--{long_name(p)}", str(v)]
+
+
+@pytest.mark.parametrize("item", with_config("config"), ids=option_id)
+def test_precedence_command_line_then_environment_then_config(
+    item: tuple[str, click.Option], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per option: the environment beats the config file, the command line beats both."""
+    command, p = item
+    a, b = sample(p, tmp_path), sample(p, tmp_path, other=True)
+    cmd = CMDS[command]
+    base = required_args(cmd, tmp_path, p)
+    want_a = parse(command, [*base, *cli_words(p, a)]).params[p.name or ""]
+    want_b = parse(command, [*base, *cli_words(p, b)]).params[p.name or ""]
+    assert want_a != want_b
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"[{command}]\n{long_name(p)} = {toml_value(p, a)}\n")
+    monkeypatch.setenv(env(long_name(p) or ""), env_text(p, b))
+    assert parse(command, ["--config", str(conf), *base]).params[p.name or ""] == want_b
+    if cli_words(p, a):  # a flag without --no-x cannot be switched off on the command line
+        got = parse(command, ["--config", str(conf), *base, *cli_words(p, a)])
+        assert got.params[p.name or ""] == want_a
 
 
 CONFIG_COMMANDS = sorted({c for c, _ in with_config("config")})

@@ -98,7 +98,10 @@ def genkey(output: str | None) -> None:
 
 def _where_from(e: click.ClickException) -> str:
     """Where a bad or missing option value came from, when not the command line: a value set in
-    an init script's environment is otherwise hard to find."""
+    an init script's environment is otherwise hard to find. And where a group option goes."""
+    group_options = {o for p in cli.params for o in p.opts}
+    if isinstance(e, click.NoSuchOption) and e.option_name in group_options:
+        return f" ({e.option_name} goes before the command: mptun {e.option_name} ... COMMAND ...)"
     if not isinstance(e, click.BadParameter) or e.ctx is None or e.param is None:
         return ""
     envvar = e.param.envvar if isinstance(e.param.envvar, str) else None

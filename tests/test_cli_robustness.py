@@ -519,6 +519,7 @@ def test_usage_errors() -> None:
         Case(["genkey", "extra"], ["extra"]),
         Case(["uci"], ["FILE"]),
         Case(["--log-level"], ["--log-level"]),
+        Case(["server", "--log-level", "debug"], ["goes before the command"]),
         Case(["status", "--json", "extra"], ["extra"]),
     ]
     run_all(cases)

@@ -194,6 +194,24 @@ def _subflow_array(sock: socket.socket, opt: int, size: int) -> list[bytes]:
     ]
 
 
+TCP_CLOSE = 7  # include/net/tcp_states.h
+
+
+def live_subflows(sock: socket.socket) -> int | None:
+    """How many of an MPTCP connection's subflows are not closed (MPTCP_TCPINFO, 5.16+).
+
+    None when the question has no answer: not an MPTCP socket, fallen back to TCP, or a kernel
+    without MPTCP_TCPINFO. Cheap enough for a periodic check (one getsockopt, 8 bytes a subflow).
+    """
+    if sock.proto != IPPROTO_MPTCP:
+        return None
+    try:
+        states = _subflow_array(sock, MPTCP_TCPINFO, 8)
+    except OSError:
+        return None
+    return sum(1 for ti in states if ti and ti[TI_STATE] != TCP_CLOSE)
+
+
 def _older_kernel(sock: socket.socket) -> ConnectionInfo:
     info = ConnectionInfo("mptcp")
     try:

@@ -188,3 +188,52 @@ def test_pipe_size_falls_back_when_refused():
     os.close(r)
     os.close(w)
     assert cap >= 4096
+
+
+@pytest.mark.root
+def test_dead_mptcp_tunnel_is_noticed_and_the_inner_leg_reset(engine):
+    """Every subflow destroyed (`ss -K`) leaves the MPTCP socket silent, with no error; the
+    relay's liveness watchdog must still end it and reset the application's connection."""
+    import subprocess
+    import time
+
+    from mptun.common.mptcpinfo import live_subflows
+
+    st = Setup(IPPROTO_MPTCP)
+    port = st.app_b.getsockname()[1]  # the tunnel's far end; st.tunnel connects to it
+    got = {}
+
+    def script():
+        st.app_b.sendall(b"hello")
+        assert st.app_a.recv(5) == b"hello"
+        r = subprocess.run(["ss", "-K", "-t", "dport", f"= :{port}"], capture_output=True)
+        got["ss"] = r.returncode
+        got["live"] = live_subflows(st.tunnel)
+        t0 = time.monotonic()
+        st.app_a.settimeout(20)
+        try:
+            got["end"] = st.app_a.recv(100) or "eof"
+        except ConnectionResetError:
+            got["end"] = "reset"
+        except TimeoutError:
+            got["end"] = "hang"
+        got["after"] = time.monotonic() - t0
+
+    stats = st.run(engine, script)
+    assert got["ss"] == 0 and got["live"] == 0  # the dead state really was produced
+    assert got["end"] == "reset", got
+    assert got["after"] < 10, got
+    assert not stats.clean and "subflow" in (stats.error or "")
+
+
+def test_live_subflows_answers_only_for_mptcp():
+    from mptun.common.mptcpinfo import live_subflows
+
+    a, b = tcp_pair(IPPROTO_MPTCP)
+    c, d = tcp_pair()
+    try:
+        assert live_subflows(a) == 1 and live_subflows(b) == 1
+        assert live_subflows(c) is None
+    finally:
+        for s in (a, b, c, d):
+            s.close()

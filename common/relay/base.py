@@ -31,8 +31,20 @@ from typing import Protocol
 from mptun.common.crypto import CipherSpec
 from mptun.common.errors import MptunError, Status, UsageError
 from mptun.common.handshake import BulkKeys, WireMode
+from mptun.common.mptcpinfo import live_subflows
 from mptun.common.records import Opener, Sealer
-from mptun.common.sockets import arm_reset, reset
+from mptun.common.sockets import IPPROTO_MPTCP, arm_reset, reset
+
+# An MPTCP tunnel whose subflows are all closed is dead, but the kernel does not always say so:
+# a subflow reset without MP_FASTCLOSE is not an error of the MPTCP socket (more subflows may
+# join), and before upstream's fix "mptcp: ... SO_LINGER 0 ... fastclose" (7.1, backported to
+# stable) a peer closing with SO_LINGER 0 and no unread data sent no MP_FASTCLOSE. Seen here
+# (6.18): a server stopped mid-transfer left a client connection with one closed subflow and no
+# error, forever. So while the tunnel is quiet, look every LIVENESS_INTERVAL and end the relay
+# when two looks LIVENESS_RECHECK apart find no live subflow. (A link that is down does not
+# close its subflow: TCP keeps retransmitting until the user timeout, so outages are not cut.)
+LIVENESS_INTERVAL = 3.0
+LIVENESS_RECHECK = 1.0
 
 
 class Side(enum.Enum):
@@ -357,6 +369,8 @@ class Relay:
         self.pumps: list[Pump] = []
         self._done = loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
+        self._liveness: asyncio.TimerHandle | None = None
+        self._quiet_since_look = 0  # tunnel-side wakeups at the last look
         self.closed = False
 
     def add_pumps(self, out: Pump, back: Pump) -> None:
@@ -371,6 +385,8 @@ class Relay:
                 p.start()
             if self.idle_timeout:
                 self._timer = self.loop.call_later(self.idle_timeout, self._check_idle)
+            if self.tunnel.proto == IPPROTO_MPTCP:
+                self._liveness = self.loop.call_later(LIVENESS_INTERVAL, self._check_live, False)
             await self._done
         except asyncio.CancelledError:
             self.abort("relay", None, "cancelled")
@@ -388,6 +404,24 @@ class Relay:
             return
         self.active = False
         self._timer = self.loop.call_later(self.idle_timeout, self._check_idle)  # type: ignore[arg-type]
+
+    def _check_live(self, suspect: bool) -> None:
+        """The watchdog of the module's LIVENESS_* comment."""
+        self._liveness = None
+        if self.closed:
+            return
+        back = self.pumps[1]
+        if back.wakeups != self._quiet_since_look or back.eof:
+            self._quiet_since_look = back.wakeups  # the tunnel spoke: it is alive
+            suspect = False
+        else:
+            live = live_subflows(self.tunnel)
+            if live == 0 and suspect:
+                self.abort("tunnel", None, "tunnel: every MPTCP subflow is closed")
+                return
+            suspect = live == 0
+        delay = LIVENESS_RECHECK if suspect else LIVENESS_INTERVAL
+        self._liveness = self.loop.call_later(delay, self._check_live, suspect)
 
     def pump_done(self) -> None:
         if all(p.done for p in self.pumps):
@@ -409,6 +443,8 @@ class Relay:
         self.closed = True
         if self._timer:
             self._timer.cancel()
+        if self._liveness:
+            self._liveness.cancel()
         for p in self.pumps:
             p.stop()
         out, back = self.pumps

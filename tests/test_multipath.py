@@ -217,11 +217,12 @@ def test_middlebox_stripping_mptcp_falls_back_to_tcp_and_status_says_so(rig):
     assert done["ok"] and before["kind"] == "mptcp" and len(before["subflows"]) == 3, before
 
     tb.strip_mptcp()
-    f = r.fetch(3)
+    # Long enough that both status calls below see the transfer even on a loaded machine.
+    f = r.fetch(8)
     time.sleep(1.5)
+    text = tb.router.exec(*mptun_argv("status")).stdout
     st = r.status()
     conn = tunnel(st)
-    text = tb.router.exec(*mptun_argv("status")).stdout
     _, done = run_fetch(f)
     assert done["ok"], done
     assert r.sent_totals()[-1] == done["bytes"]

@@ -209,11 +209,20 @@ class Rig:
             raise RuntimeError(f"mptun status gave nothing: {r.stderr.strip()}")
         return json.loads(r.stdout)
 
-    def sent_totals(self) -> list[int]:
-        """Bytes the traffic peer sent, per finished connection."""
+    def sent_totals(self, count: int = 1, timeout: float = 10.0) -> list[int]:
+        """Bytes the traffic peer sent, per finished connection.
+
+        The peer logs a connection once it has closed it, which can be a moment after the
+        receiver saw the end: wait (up to `timeout`) until `count` connections are logged.
+        """
         path = self.logs["traffic-serve"]
-        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.startswith("{")]
-        return [r["bytes"] for r in rows if r.get("event") == "sent"]
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.startswith("{")]
+            sent = [r["bytes"] for r in rows if r.get("event") == "sent"]
+            if len(sent) >= count or time.monotonic() >= deadline:
+                return sent
+            time.sleep(0.05)
 
     def dump_logs(self) -> str:
         out = []

@@ -215,6 +215,66 @@ def test_other_alerts_end_the_stream_with_an_error() -> None:
         Opener(cipher, key, iv).feed(s.seal(b"\x02\x28", CONTENT_ALERT))
 
 
+def _full_slots(n: int) -> tuple[list[memoryview], list[memoryview], list[memoryview], bytes]:
+    from mptun.common.records import FULL_HEADER, FULL_RECORD, HEADER_LEN
+
+    content = os.urandom(n * MAX_PLAINTEXT)
+    inners = [
+        memoryview(bytearray(content[i * MAX_PLAINTEXT : (i + 1) * MAX_PLAINTEXT] + b"\x17"))
+        for i in range(n)
+    ]
+    out = bytearray(FULL_RECORD * n)
+    view = memoryview(out)
+    records = [view[i * FULL_RECORD : (i + 1) * FULL_RECORD] for i in range(n)]
+    for r in records:
+        r[:HEADER_LEN] = FULL_HEADER
+    sealed = [r[HEADER_LEN:] for r in records]
+    return inners, records, sealed, content
+
+
+@pytest.mark.parametrize("name", sorted(CIPHERS))
+def test_seal_full_gives_the_records_seal_gives(name: str) -> None:
+    cipher = CIPHERS[name]
+    key, iv = os.urandom(cipher.key_len), os.urandom(12)
+    inners, records, sealed, content = _full_slots(3)
+    Sealer(cipher, key, iv, seq=7).seal_full(inners, records, sealed, 3)
+    s = Sealer(cipher, key, iv, seq=7)
+    expect = b"".join(
+        s.seal(content[i * MAX_PLAINTEXT : (i + 1) * MAX_PLAINTEXT]) for i in range(3)
+    )
+    assert b"".join(bytes(r) for r in records) == expect
+
+
+def test_seal_full_stops_at_the_record_limit() -> None:
+    cipher = CIPHERS["aes-256-gcm"]
+    key, iv = os.urandom(32), os.urandom(12)
+    inners, records, sealed, content = _full_slots(3)
+    s = Sealer(cipher, key, iv, limit=2)
+    with pytest.raises(RecordLimitReached):
+        s.seal_full(inners, records, sealed, 3)
+    assert s.seq == 2  # the two records under the limit were sealed, the third refused
+    o = Opener(cipher, key, iv)
+    assert o.feed(bytes(records[0]) + bytes(records[1])) == [content[: 2 * MAX_PLAINTEXT]]
+
+
+@pytest.mark.parametrize("name", sorted(CIPHERS))
+def test_open_records_stops_at_a_tampered_record_and_stays_dead(name: str) -> None:
+    cipher = CIPHERS[name]
+    chunks = [os.urandom(MAX_PLAINTEXT), b"two", os.urandom(5000), b"four"]
+    key, iv, wire = _stream(cipher, chunks)
+    recs = _records(wire)
+    bad = bytearray(b"".join(recs))
+    bad[len(recs[0]) + len(recs[1]) + 40] ^= 1  # inside the third record
+    o = Opener(cipher, key, iv)
+    out = bytearray(len(bad))
+    with pytest.raises(ProtocolError, match="record 2 did not authenticate") as e:
+        o.open_records(memoryview(bad), len(bad), memoryview(out))
+    assert e.value.status is Status.RECORD
+    assert out[: MAX_PLAINTEXT + 3] == chunks[0] + b"two"  # the two before it were opened
+    with pytest.raises(ProtocolError):
+        o.open_records(memoryview(bytes(recs[3])), len(recs[3]), memoryview(out))
+
+
 def test_record_limits() -> None:
     assert record_limit(CIPHERS["aes-256-gcm"]) == AES_GCM_RECORD_LIMIT == 23_726_566
     assert record_limit(CIPHERS["chacha20-poly1305"]) == 1 << 64

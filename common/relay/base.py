@@ -13,8 +13,9 @@ wakeup costs more than the bytes it moves (FACTS.md: 6.0 CPU s/GB draining per p
 SO_RCVLOWAT 64 KiB and a 2 ms timeout). So once a direction *streams* (`enter_after` bytes read in
 wakeups less than `delay` apart) its source socket gets SO_RCVLOWAT `low_water`: the kernel wakes
 us only when that much waits (or at EOF/error), and a timer reads whatever sits below the mark
-`delay` after the last read. A direction that goes quiet for `delay` drops back to SO_RCVLOWAT 1,
-so interactive traffic is relayed at once; a stream's last bytes wait at most `delay`.
+`delay` after the last read. A direction that stays quiet for `Coalescing.quiet_after` drops back
+to SO_RCVLOWAT 1, so interactive traffic is relayed at once; while streaming, a byte (a stream's
+last bytes) waits at most `delay`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from mptun.common.sockets import IPPROTO_MPTCP, arm_reset, reset
 # when two looks LIVENESS_RECHECK apart find no live subflow. (A link that is down does not
 # close its subflow: TCP keeps retransmitting until the user timeout, so outages are not cut.)
 LIVENESS_INTERVAL = 3.0
+TIMER_SLACK = 0.001  # seconds: a timer this close to its due time counts as due
 LIVENESS_RECHECK = 1.0
 
 
@@ -127,12 +129,28 @@ class RelayStats:
 class Coalescing:
     """How a streaming direction batches its reads; `delay` 0 turns batching off."""
 
-    # Measured with `mptun bench` (docs/design/batching.md): 8 ms / 256 KiB cut the receiving
-    # relay's CPU per GB by a third on one 200 Mbit MPTCP path; 2 ms / 64 KiB saved nothing and
-    # cost more on three paths (timer reads and mark changes in MPTCP's reordering stalls).
+    # Measured (docs/design/batching.md, benchmarks/coalescing.py): on the three shaped uplinks
+    # 8 ms / 1 MiB cut the receiving relay's CPU per GB to 0.48-0.89x of no batching; longer
+    # delays cut more (16 ms: 0.35-0.58x) but lowered the upload's throughput (170 of 187
+    # Mbit/s). The mark is set above what arrives in `delay` at WiFi rates, so there the timer
+    # paces the reads; at raw speed the mark does.
     delay: float = 0.008  # longest a byte waits below the mark while streaming, in seconds
-    low_water: int = 256 * 1024  # SO_RCVLOWAT while streaming
+    low_water: int = 1024 * 1024  # SO_RCVLOWAT while streaming
     enter_after: int = 128 * 1024  # bytes read in wakeups < `delay` apart that make a stream
+    # A stream ends after this long without bytes (at least `delay`). Not at the first empty
+    # timer read: on several paths MPTCP's reordering stalls the in-sequence data for tens of
+    # ms (an RTT of the slow subflow), and leaving and re-entering the stream at each stall
+    # cost more than no batching (two setsockopt per flip, each copied to every subflow,
+    # and prompt reads of what trickles in). While streaming the timer keeps running, so a
+    # byte still waits at most `delay`.
+    quiet: float = 0.1
+    # A read this small right after the other direction moved bytes is a reply, not a stream
+    # (`Pump._observe`); a stream's reads at WiFi rates are a packet or more.
+    small: int = 16 * 1024
+
+    @property
+    def quiet_after(self) -> float:
+        return max(self.quiet, self.delay)
 
     @property
     def enabled(self) -> bool:
@@ -178,6 +196,10 @@ class Pump:
         self._burst = 0  # bytes read in wakeups less than `delay` apart
         self._last = 0.0  # loop time of the last read that moved bytes
         self._timer: asyncio.TimerHandle | None = None
+        self._quiet_timer: asyncio.TimerHandle | None = None  # frees buffers when quiet
+        self.other: Pump | None = None  # the opposite direction (set by Relay.add_pumps)
+        self.turns = 0  # reads that moved bytes: the other pump's tells a conversation
+        self._other_turns = 0  # the other pump's `turns` at this pump's last read
 
     # -- what an engine implements ------------------------------------------------------------
     def fill(self) -> int:
@@ -217,6 +239,9 @@ class Pump:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
+            self._quiet_timer = None
         if self._writing:
             self.loop.remove_writer(self.dst_fd)
             self._writing = False
@@ -262,11 +287,26 @@ class Pump:
 
     # -- coalescing -----------------------------------------------------------------------------
     def _observe(self, n: int) -> None:
-        """Account a read; a direction that reads `enter_after` bytes back to back streams."""
+        """Account a read; a direction that reads `enter_after` bytes back to back streams.
+
+        A conversation is not a stream, however fast: when the other direction moved bytes
+        since this one last read and this read is small, the bytes are a reply (a request/
+        response exchange, keystrokes after a download). That resets the count, and ends a
+        stream, so a fast exchange of small messages is never held for `delay`.
+        """
         c = self.coalescing
         assert c is not None
         now = self.loop.time()
-        if not self.streaming:
+        self.turns += 1
+        other = self.other.turns if self.other is not None else 0
+        reply = other != self._other_turns and n < c.small
+        self._other_turns = other
+        if self.streaming:
+            if reply:
+                self._set_streaming(False)
+        elif reply:
+            self._burst = n
+        else:
             self._burst = self._burst + n if now - self._last < c.delay else n
             if self._burst >= c.enter_after:
                 self._set_streaming(True)
@@ -284,12 +324,37 @@ class Pump:
         c = self.coalescing
         if c is None or not self.streaming or self.eof or self.done or not self._reading:
             return  # reading resumes (and re-arms) once the drain has made room
+        now = self.loop.time()
         due = self._last + c.delay
-        if due > self.loop.time():  # the kernel woke us since: wait from that read
+        # The kernel woke us since the timer was set: wait `delay` from that read. The slack
+        # matters: uvloop's clock and timers have 1 ms resolution, so `due` computed in floats
+        # can sit a hair after the clock's value when the timer fires; re-arming for that
+        # hair makes a zero-timeout timer that spins the loop until the next millisecond.
+        if due - now > TIMER_SLACK:
             self._timer = self.loop.call_at(due, self._on_timer)
             return
-        if self._read() < 0 and not self.relay.closed and not self.pending:
-            self._set_streaming(False)  # nothing came for `delay`: back to prompt reads
+        if self._read() >= 0 or self.relay.closed or self.pending:
+            return  # a read re-arms the timer (`_observe`)
+        if now - self._last >= c.quiet_after - TIMER_SLACK:
+            self._set_streaming(False)  # quiet: back to prompt reads
+        else:  # a stall inside the stream: look again in `delay`
+            self._timer = self.loop.call_at(now + c.delay, self._on_timer)
+
+    def _on_quiet(self) -> None:
+        """Free the stage once the direction has been quiet for `quiet_after`, not after every
+        message: reallocating per message made a 64-byte round trip through the aead engine
+        cost ~3x one through splice (mmap, views; benchmarks/pingpong.py)."""
+        self._quiet_timer = None
+        c = self.coalescing
+        if c is None or self.eof or self.done or self.relay.closed:
+            return
+        due = self._last + c.quiet_after
+        if self.streaming or self.pending or due - self.loop.time() > TIMER_SLACK:
+            self._quiet_timer = self.loop.call_at(
+                max(due, self.loop.time() + c.delay), self._on_quiet
+            )
+            return
+        self.shrink()
 
     def _set_streaming(self, on: bool) -> None:
         assert self.coalescing is not None
@@ -329,8 +394,10 @@ class Pump:
         if self._writing:
             self.loop.remove_writer(self.dst_fd)
             self._writing = False
-        if not self.streaming and self.coalescing is not None and not self.eof:
-            self.shrink()
+        if self._quiet_timer is None and self.coalescing is not None and not self.eof:
+            self._quiet_timer = self.loop.call_at(
+                self._last + self.coalescing.quiet_after, self._on_quiet
+            )
         if self.eof:
             if not self.done:
                 try:
@@ -377,6 +444,7 @@ class Relay:
     def add_pumps(self, out: Pump, back: Pump) -> None:
         """`out` moves inner -> tunnel, `back` tunnel -> inner."""
         self.pumps = [out, back]
+        out.other, back.other = back, out
 
     async def run(self) -> RelayStats:
         for leg in (self.inner, self.tunnel):

@@ -67,6 +67,7 @@ def test_streaming_raises_the_mark_and_quiet_lowers_it(engine):
         st.app_b.settimeout(10)
         recv_exact(st.app_b, 2 * 1024 * 1024 - 64 * 1024)  # mid-stream: the mark is up
         seen["streaming"] = st.inner.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+        seen["rcvbuf"] = st.inner.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         recv_exact(st.app_b, 64 * 1024)
         deadline = time.monotonic() + 10  # quiet for a delay: back to prompt reads
         while time.monotonic() < deadline:
@@ -78,7 +79,10 @@ def test_streaming_raises_the_mark_and_quiet_lowers_it(engine):
         st.app_b.close()
 
     st.run(engine, script, coalescing=SLOW)
-    assert seen["streaming"] == SLOW.low_water
+    # Raised, but never past a quarter of the receive buffer: a mark the buffer cannot hold
+    # makes the kernel clamp the window to it (common/relay/base.py Pump._fitting_mark).
+    assert 1 < seen["streaming"] <= SLOW.low_water
+    assert seen["streaming"] <= seen["rcvbuf"] // 4
     assert seen["quiet"] == 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -153,6 +154,9 @@ def bench(
             environment.close()
             raise ConfigError("--links shaped needs the namespace test bed (--mode netns, root)")
     started = time.time()
+    # `kill PID` must tear the test bed down like Ctrl-C does (finally blocks below and in the
+    # runner): by default SIGTERM ends Python at once and left namespaces and relays behind.
+    signal.signal(signal.SIGTERM, _interrupted)
     with tempfile.TemporaryDirectory(prefix="mptun-bench-") as tmp:
         try:
             runner = Runner(environment, cases, settings, Path(tmp))
@@ -192,3 +196,7 @@ def bench(
     )
     click.echo(f"\njson: {json_path}")
     click.echo(report.chart(rows, cases, Path(chart_path)))
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -13,9 +13,9 @@ wakeup costs more than the bytes it moves (FACTS.md: 6.0 CPU s/GB draining per p
 SO_RCVLOWAT 64 KiB and a 2 ms timeout). So once a direction *streams* (`enter_after` bytes read in
 wakeups less than `delay` apart) its source socket gets SO_RCVLOWAT `low_water`: the kernel wakes
 us only when that much waits (or at EOF/error), and a timer reads whatever sits below the mark
-`delay` after the last read. A direction that stays quiet for `Coalescing.quiet_after` drops back
-to SO_RCVLOWAT 1, so interactive traffic is relayed at once; while streaming, a byte (a stream's
-last bytes) waits at most `delay`.
+`delay` after the last read (`long_delay` once the stream has lasted `long_after`). A direction
+that stays quiet for `Coalescing.quiet_after` drops back to SO_RCVLOWAT 1, so interactive traffic
+is relayed at once; while streaming, a byte (a stream's last bytes) waits at most the delay.
 """
 
 from __future__ import annotations
@@ -129,12 +129,15 @@ class RelayStats:
 class Coalescing:
     """How a streaming direction batches its reads; `delay` 0 turns batching off."""
 
-    # Measured (docs/design/batching.md, benchmarks/coalescing.py): on the three shaped uplinks
-    # 8 ms / 1 MiB cut the receiving relay's CPU per GB to 0.48-0.89x of no batching; longer
-    # delays cut more (16 ms: 0.35-0.58x) but lowered the upload's throughput (170 of 187
-    # Mbit/s). The mark is set above what arrives in `delay` at WiFi rates, so there the timer
-    # paces the reads; at raw speed the mark does.
-    delay: float = 0.008  # longest a byte waits below the mark while streaming, in seconds
+    # Measured (docs/design/batching.md, benchmarks/coalescing.py, three shaped uplinks,
+    # receiving relay's CPU per GB against no batching): 8 ms 0.58-0.80x, 16 ms 0.42-0.51x,
+    # throughput unchanged. A stream's first second batches with `delay` (a web page's
+    # responses end at most 8 ms late); a stream that has lasted `long_after` (a download, a
+    # video) with `long_delay` = 2 x `delay`, where the CPU matters more than its tail.
+    # The mark is set above what arrives in a delay at WiFi rates, so there the timer paces
+    # the reads; at raw speed the mark does.
+    delay: float = 0.008  # longest a byte waits below the mark in a stream's first second
+    long_after: float = 1.0  # seconds of streaming after which `long_delay` applies
     low_water: int = 1024 * 1024  # SO_RCVLOWAT while streaming
     enter_after: int = 128 * 1024  # bytes read in wakeups < `delay` apart that make a stream
     # A stream ends after this long without bytes (at least `delay`). Not at the first empty
@@ -142,15 +145,19 @@ class Coalescing:
     # ms (an RTT of the slow subflow), and leaving and re-entering the stream at each stall
     # cost more than no batching (two setsockopt per flip, each copied to every subflow,
     # and prompt reads of what trickles in). While streaming the timer keeps running, so a
-    # byte still waits at most `delay`.
+    # byte still waits at most the stream's delay.
     quiet: float = 0.1
     # A read this small right after the other direction moved bytes is a reply, not a stream
     # (`Pump._observe`); a stream's reads at WiFi rates are a packet or more.
     small: int = 16 * 1024
 
     @property
+    def long_delay(self) -> float:
+        return 2 * self.delay
+
+    @property
     def quiet_after(self) -> float:
-        return max(self.quiet, self.delay)
+        return max(self.quiet, self.long_delay)
 
     @property
     def enabled(self) -> bool:
@@ -193,6 +200,7 @@ class Pump:
         self.coalescing = relay.coalescing if relay.coalescing.enabled else None
         self.streaming = False  # SO_RCVLOWAT raised on src (see the module docstring)
         self.mark = 1  # SO_RCVLOWAT now
+        self._since = 0.0  # loop time the stream began
         self.wakeups = 0  # fills attempted (readable callbacks and timer reads)
         self._burst = 0  # bytes read in wakeups less than `delay` apart
         self._last = 0.0  # loop time of the last read that moved bytes
@@ -319,7 +327,7 @@ class Pump:
 
     def _arm(self) -> None:
         if self._timer is None and self.coalescing is not None:
-            self._timer = self.loop.call_at(self._last + self.coalescing.delay, self._on_timer)
+            self._timer = self.loop.call_at(self._last + self._delay(), self._on_timer)
 
     def _on_timer(self) -> None:
         """`delay` after the last read: take what waits below the mark; quiet ends streaming."""
@@ -328,7 +336,8 @@ class Pump:
         if c is None or not self.streaming or self.eof or self.done or not self._reading:
             return  # reading resumes (and re-arms) once the drain has made room
         now = self.loop.time()
-        due = self._last + c.delay
+        delay = self._delay()
+        due = self._last + delay
         # The kernel woke us since the timer was set: wait `delay` from that read. The slack
         # matters: uvloop's clock and timers have 1 ms resolution, so `due` computed in floats
         # can sit a hair after the clock's value when the timer fires; re-arming for that
@@ -341,7 +350,15 @@ class Pump:
         if now - self._last >= c.quiet_after - TIMER_SLACK:
             self._set_streaming(False)  # quiet: back to prompt reads
         else:  # a stall inside the stream: look again in `delay`
-            self._timer = self.loop.call_at(now + c.delay, self._on_timer)
+            self._timer = self.loop.call_at(now + delay, self._on_timer)
+
+    def _delay(self) -> float:
+        """How long a byte may wait below the mark now: longer once the stream has lasted."""
+        c = self.coalescing
+        assert c is not None
+        if self.loop.time() - self._since < c.long_after:
+            return c.delay
+        return c.long_delay
 
     def _on_quiet(self) -> None:
         """Free the stage once the direction has been quiet for `quiet_after`, not after every
@@ -369,6 +386,7 @@ class Pump:
             self.streaming = False
             return
         self.streaming = on
+        self._since = self.loop.time()
         self._burst = 0
         if not on and self._timer is not None:
             self._timer.cancel()

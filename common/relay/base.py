@@ -46,8 +46,8 @@ from mptun.common.sockets import IPPROTO_MPTCP, arm_reset, reset
 # when two looks LIVENESS_RECHECK apart find no live subflow. (A link that is down does not
 # close its subflow: TCP keeps retransmitting until the user timeout, so outages are not cut.)
 LIVENESS_INTERVAL = 3.0
-TIMER_SLACK = 0.001  # seconds: a timer this close to its due time counts as due
 LIVENESS_RECHECK = 1.0
+TIMER_SLACK = 0.001  # seconds: a timer this close to its due time counts as due (`_on_timer`)
 
 
 class Side(enum.Enum):
@@ -140,7 +140,7 @@ class Coalescing:
     long_after: float = 1.0  # seconds of streaming after which `long_delay` applies
     low_water: int = 1024 * 1024  # SO_RCVLOWAT while streaming
     enter_after: int = 128 * 1024  # bytes read in wakeups < `delay` apart that make a stream
-    # A stream ends after this long without bytes (at least `delay`). Not at the first empty
+    # A stream ends after this long without bytes (at least `long_delay`). Not at the first empty
     # timer read: on several paths MPTCP's reordering stalls the in-sequence data for tens of
     # ms (an RTT of the slow subflow), and leaving and re-entering the stream at each stall
     # cost more than no batching (two setsockopt per flip, each copied to every subflow,
@@ -313,7 +313,9 @@ class Pump:
         if self.streaming:
             if reply:
                 self._set_streaming(False)
-            elif self.mark < c.low_water:  # the buffer may have grown: let the mark follow
+            elif n >= self.mark < c.low_water:
+                # The mark woke us (a timer-paced read leaves it moot) and is below
+                # `low_water`: the buffer may have grown since, let the mark follow.
                 self._raise_mark()
         elif reply:
             self._burst = n
@@ -386,7 +388,8 @@ class Pump:
             self.streaming = False
             return
         self.streaming = on
-        self._since = self.loop.time()
+        if on:
+            self._since = self.loop.time()
         self._burst = 0
         if not on and self._timer is not None:
             self._timer.cancel()

@@ -99,7 +99,7 @@ def test_interactive_messages_are_not_held(engine, proto):
     def script():
         st.app_b.sendall(os.urandom(1024 * 1024))  # the back direction streams once
         recv_exact(st.app_a, 1024 * 1024)
-        time.sleep(2 * SLOW.delay)  # ...and goes quiet
+        time.sleep(SLOW.quiet_after)  # ...and goes quiet
         rtts = []
         for _ in range(20):
             t0 = time.monotonic()
@@ -209,3 +209,33 @@ def test_reads_are_batched_while_streaming(engine):
     if sent["writes"] < 3 * bound:
         pytest.skip(f"machine too loaded: the sender made {sent['writes']} writes in 1 s")
     assert stats.reads <= bound, (stats.reads, bound, sent)
+
+
+def test_a_one_way_stream_waits_longer_as_it_ages():
+    """The delay policy (`Pump._delay`): `delay` while young, then `age_share` of the stream's
+    age up to `max_delay`; bytes the other way make it young again."""
+    import asyncio
+
+    from mptun.common.relay.base import Pump, Relay
+
+    c = Coalescing()
+    loop = asyncio.new_event_loop()
+    a, b = socket.socketpair()
+    try:
+        relay = Relay(loop, a, b, "test", coalescing=c)
+        out, back = Pump(relay, a, b, "inner"), Pump(relay, b, a, "tunnel")
+        relay.add_pumps(out, back)
+        now = loop.time()
+        out._since = now - 0.1
+        assert out._delay() == c.delay
+        out._since = now - 2.0  # 2 s of one-way streaming: 1% of it
+        assert 0.019 <= out._delay() <= 0.021
+        out._since = now - 60.0
+        assert out._delay() == c.max_delay == 4 * c.delay
+        back._last = loop.time()  # the other direction just spoke: interactive again
+        assert out._delay() == c.delay
+        assert c.quiet_after >= c.max_delay  # a stream never ends between two timer reads
+    finally:
+        a.close()
+        b.close()
+        loop.close()

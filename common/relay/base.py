@@ -13,7 +13,7 @@ wakeup costs more than the bytes it moves (FACTS.md: 6.0 CPU s/GB draining per p
 SO_RCVLOWAT 64 KiB and a 2 ms timeout). So once a direction *streams* (`enter_after` bytes read in
 wakeups less than `delay` apart) its source socket gets SO_RCVLOWAT `low_water`: the kernel wakes
 us only when that much waits (or at EOF/error), and a timer reads whatever sits below the mark
-`delay` after the last read (`long_delay` once the stream has lasted `long_after`). A direction
+`delay` after the last read (longer as a one-way stream ages, up to `max_delay`). A direction
 that stays quiet for `Coalescing.quiet_after` drops back to SO_RCVLOWAT 1, so interactive traffic
 is relayed at once; while streaming, a byte (a stream's last bytes) waits at most the delay.
 """
@@ -131,16 +131,20 @@ class Coalescing:
 
     # Measured (docs/design/batching.md, benchmarks/coalescing.py, three shaped uplinks,
     # receiving relay's CPU per GB against no batching): 8 ms 0.58-0.80x, 16 ms 0.42-0.51x,
-    # throughput unchanged. A stream's first second batches with `delay` (a web page's
-    # responses end at most 8 ms late); a stream that has lasted `long_after` (a download, a
-    # video) with `long_delay` = 2 x `delay`, where the CPU matters more than its tail.
+    # throughput unchanged; the cost at WiFi rates is per wakeup. A stream starts with `delay`
+    # (a web page's responses end at most 8 ms late); while the other direction stays silent
+    # (a download, an upload) its delay grows to `age_share` of the time since the stream began
+    # or the other direction last spoke, up to `max_delay`: the wait is then at most 1% of how
+    # long the transfer has run. Any bytes the other way (a request, a keystroke, a window
+    # update) bring the short delay back, so interactive streams stay at `delay`.
     # The mark is set above what arrives in a delay at WiFi rates, so there the timer paces
     # the reads; at raw speed the mark does.
-    delay: float = 0.008  # longest a byte waits below the mark in a stream's first second
-    long_after: float = 1.0  # seconds of streaming after which `long_delay` applies
+    delay: float = 0.008  # longest a byte waits below the mark in a young or two-way stream
+    age_share: float = 0.01  # a one-way stream's delay: this share of its age...
+    max_factor: int = 4  # ...up to this many times `delay`
     low_water: int = 1024 * 1024  # SO_RCVLOWAT while streaming
     enter_after: int = 128 * 1024  # bytes read in wakeups < `delay` apart that make a stream
-    # A stream ends after this long without bytes (at least `long_delay`). Not at the first empty
+    # A stream ends after this long without bytes (at least `max_delay`). Not at the first empty
     # timer read: on several paths MPTCP's reordering stalls the in-sequence data for tens of
     # ms (an RTT of the slow subflow), and leaving and re-entering the stream at each stall
     # cost more than no batching (two setsockopt per flip, each copied to every subflow,
@@ -152,12 +156,12 @@ class Coalescing:
     small: int = 16 * 1024
 
     @property
-    def long_delay(self) -> float:
-        return 2 * self.delay
+    def max_delay(self) -> float:
+        return self.max_factor * self.delay
 
     @property
     def quiet_after(self) -> float:
-        return max(self.quiet, self.long_delay)
+        return max(self.quiet, self.max_delay)
 
     @property
     def enabled(self) -> bool:
@@ -355,12 +359,14 @@ class Pump:
             self._timer = self.loop.call_at(now + delay, self._on_timer)
 
     def _delay(self) -> float:
-        """How long a byte may wait below the mark now: longer once the stream has lasted."""
+        """How long a byte may wait below the mark now (`Coalescing`): `delay`, growing with
+        the age of a one-way stream, counted from its start or the other direction's last bytes."""
         c = self.coalescing
         assert c is not None
-        if self.loop.time() - self._since < c.long_after:
-            return c.delay
-        return c.long_delay
+        since = self._since
+        if self.other is not None and self.other._last > since:
+            since = self.other._last
+        return min(c.max_delay, max(c.delay, (self.loop.time() - since) * c.age_share))
 
     def _on_quiet(self) -> None:
         """Free the stage once the direction has been quiet for `quiet_after`, not after every

@@ -82,6 +82,19 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=40, help="transfers per direction (bounded)")
     ap.add_argument("--threshold", type=float, default=1000, help="Mbit/s below which it stalled")
     ap.add_argument("--out", default="mptcp-stall.txt")
+    ap.add_argument(
+        "--count", action="store_true", help="run every transfer and count stalls (no record)"
+    )
+    ap.add_argument(
+        "--direction", choices=("both", "down", "up"), default="both", help="transfers to run"
+    )
+    ap.add_argument(
+        "--sysctl",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set in the router and VPS namespaces first (repeatable): what changes the odds",
+    )
     ap.add_argument("mptun_args", nargs="*", help="options for both mptun ends (after --)")
     a = ap.parse_args()
     os.environ["MPTUN_BENCH_RELAY_LOG"] = "info"
@@ -93,10 +106,16 @@ def main() -> int:
         case = Case("stall", "stall", "mptun", args)
         starter = Starter(env, work)
         runner = Runner(env, [case], Settings(seconds=3), work)
+        for kv in a.sysctl:
+            key, _, value = kv.partition("=")
+            for ns in (env.bed.router, env.bed.vps):
+                ns.sysctl(key, value)
         runner._start_target()
         running = starter.start(case)
+        directions = ("down", "up") if a.direction == "both" else (a.direction,)
+        stalls = 0
         for i in range(a.runs):
-            for direction in ("down", "up"):
+            for direction in directions:
                 cmd = runner._traffic(direction, running, "--seconds", "3")
                 p = env.popen("lan", cmd, stdout=subprocess.PIPE)
                 time.sleep(2.0)
@@ -110,11 +129,13 @@ def main() -> int:
                 mbps = json.loads(out).get("steady_bps", 0) / 1e6
                 print(f"run {i + 1} {direction}: {mbps:.0f} Mbit/s", flush=True)
                 if mbps < a.threshold:
-                    Path(a.out).write_text("\n".join(record) + "\n")
-                    print(f"stalled: recorded in {a.out}")
-                    return 0
-        print("no stall")
-        return 1
+                    stalls += 1
+                    if not a.count:
+                        Path(a.out).write_text("\n".join(record) + "\n")
+                        print(f"stalled: recorded in {a.out}")
+                        return 0
+        print(f"{stalls} stalled of {a.runs * len(directions)}" if stalls else "no stall")
+        return 0 if stalls else 1
     finally:
         if running is not None:
             starter.stop(running)

@@ -1,8 +1,8 @@
 """CPU per relayed small message: 64-byte round trips through mptun client + server on loopback.
 
 What the bulk benchmarks cannot see: the fixed cost of one wakeup, paid by every interactive
-message (and by every read of a stream). The settings run side by side in one invocation, on
-`mptun bench`'s loopback environment and echo peer:
+message (and by every read of a stream). The settings, and shadowsocks-libev when installed,
+run side by side in one invocation, on `mptun bench`'s loopback environment and echo peer:
 
     .venv/bin/python benchmarks/pingpong.py --round-trips 10000
 """
@@ -10,6 +10,7 @@ message (and by every read of a stream). The settings run side by side in one in
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -60,10 +61,15 @@ def main() -> int:
     a = ap.parse_args()
     env = LoopbackEnv()
     work = Path(tempfile.mkdtemp(prefix="mptun-pingpong-"))
+    mptcp = a.transport == "mptcp"
     cases = [
-        Case(f"pp{i}", name, "mptun", args, mptcp=a.transport == "mptcp")
+        Case(f"pp{i}", name, "mptun", args, mptcp=mptcp)
         for i, (name, args) in enumerate(SETTINGS.items())
     ]
+    # the incumbent, when installed: the same echo through ss-local + ss-server
+    ss = shutil.which("ss-local") and shutil.which("ss-server")
+    if ss and (not mptcp or shutil.which("mptcpize")):
+        cases.append(Case("ppss", "ss-libev", "sslibev", mptcp=mptcp))
     starter = Starter(env, work)
     runner = Runner(env, cases, Settings(), work)
     runner._start_target()

@@ -403,10 +403,10 @@ def coalesce_option(f: Callable) -> Callable:
         default=8.0,
         show_default=True,
         envvar=env("coalesce-ms"),
-        help="While a connection streams, let bytes wait up to this long (twice as long once "
-        "it has streamed a second) so the relay wakes once per batch instead of once per "
-        "burst (less CPU at WiFi rates); interactive traffic is not delayed. 0: relay every "
-        "byte at once.",
+        help="While a connection streams, let bytes wait up to this long (a one-way "
+        "download or upload: up to 1% of how long it has run, at most 4x this) so the relay "
+        "wakes once per batch instead of once per burst (less CPU at WiFi rates); "
+        "interactive traffic is not delayed. 0: relay every byte at once.",
     )(f)
 
 

@@ -65,26 +65,48 @@ def send_for(sock: socket.socket, seconds: float, until_readable: bool = False) 
 def receive_all(sock: socket.socket, seconds: float | None = None) -> dict:
     """Discard until EOF (or `seconds` after the first byte); bytes, time, rate after warm-up."""
     buf = bytearray(CHUNK)
-    total = 0
-    samples: list[tuple[float, int]] = []
-    first = last_sample = 0.0
+    tally = Tally(seconds)
     while True:
         n = sock.recv_into(buf, CHUNK, socket.MSG_TRUNC)
-        if not n:
+        if not n or not tally.add(time.monotonic(), n):
             break
-        now = time.monotonic()
-        if seconds is not None and total and now - first >= seconds:
-            break
-        if not total:
-            first = last_sample = now
-            samples.append((now, 0))
-        total += n
-        if now - last_sample >= SAMPLE:
-            samples.append((now, total))
-            last_sample = now
-    end = time.monotonic()
-    samples.append((end, total))
-    return summarize(total, first or end, end, samples)
+    return tally.result(time.monotonic())
+
+
+class Tally:
+    """Bytes received over time, and the rates `receive_all` reports.
+
+    The transfer ends at the last byte counted: a read that comes after the deadline is not
+    counted, and neither is its time. (Ending at that read's time penalised a relay that
+    delivers in batches: with a batch every T, the window gained up to T without its bytes,
+    0.7% of a 4 s transfer at T = 32 ms.)
+    """
+
+    def __init__(self, seconds: float | None = None) -> None:
+        self.seconds = seconds
+        self.total = 0
+        self.first = self.last = self.last_sample = 0.0
+        self.samples: list[tuple[float, int]] = []
+
+    def add(self, now: float, n: int) -> bool:
+        """Count `n` bytes read at `now`; False (not counted) once past the deadline."""
+        if self.seconds is not None and self.total and now - self.first >= self.seconds:
+            return False
+        if not self.total:
+            self.first = self.last_sample = now
+            self.samples.append((now, 0))
+        self.total += n
+        self.last = now
+        if now - self.last_sample >= SAMPLE:
+            self.samples.append((now, self.total))
+            self.last_sample = now
+        return True
+
+    def result(self, now: float) -> dict:
+        if not self.total:
+            return summarize(0, now, now, [(now, 0)])
+        samples = [*self.samples, (self.last, self.total)]
+        return summarize(self.total, self.first, self.last, samples)
 
 
 def summarize(total: int, first: float, end: float, samples: list[tuple[float, int]]) -> dict:

@@ -89,6 +89,9 @@ def main() -> int:
         "--direction", choices=("both", "down", "up"), default="both", help="transfers to run"
     )
     ap.add_argument(
+        "--ping", action="store_true", help="with the bench's RTT ping-pong on a second connection"
+    )
+    ap.add_argument(
         "--sysctl",
         action="append",
         default=[],
@@ -118,6 +121,10 @@ def main() -> int:
             for direction in directions:
                 cmd = runner._traffic(direction, running, "--seconds", "3")
                 p = env.popen("lan", cmd, stdout=subprocess.PIPE)
+                ping = None
+                if a.ping:
+                    rtt = runner._traffic("rtt", running, "--seconds", "2.4")
+                    ping = env.popen("lan", rtt, stdout=subprocess.DEVNULL)
                 time.sleep(2.0)
                 record = []
                 for end, pid in running.pids.items():
@@ -126,6 +133,8 @@ def main() -> int:
                     record.append(f"## ss -tinmM in {ns}\n" + env.run(ns, ["ss", "-tinmM"], 10))
                 record.append("## MPTcpExt counters\n" + json.dumps(env.mptcp_counters()))
                 out, _ = p.communicate(timeout=60)
+                if ping is not None:
+                    ping.wait(timeout=60)
                 mbps = json.loads(out).get("steady_bps", 0) / 1e6
                 print(f"run {i + 1} {direction}: {mbps:.0f} Mbit/s", flush=True)
                 if mbps < a.threshold:

@@ -43,8 +43,9 @@ class Setup:
         for s in (self.inner, self.tunnel):
             s.setblocking(False)
 
-    def run(self, engine_name: str, script, **kw):
-        engine = ENGINES[engine_name](**kw)
+    def run(self, engine_name: str | SpliceEngine | CopyEngine, script, **kw):
+        """Relay with an engine (by name, made with `kw`, or given) while `script` runs."""
+        engine = ENGINES[engine_name](**kw) if isinstance(engine_name, str) else engine_name
 
         async def main():
             loop = asyncio.get_running_loop()
@@ -220,16 +221,7 @@ def test_small_reads_copied_around_the_pipe_keep_the_order(proto):
         recv_all(st.app_a)
 
     engine = SpliceEngine()
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        t = threading.Thread(target=script, daemon=True)
-        t.start()
-        stats = await asyncio.wait_for(engine.relay(loop, st.inner, st.tunnel), 60)
-        await loop.run_in_executor(None, t.join, 30)
-        return stats
-
-    stats = asyncio.run(main())
+    stats = st.run(engine, script)
     assert stats.clean
     assert hashlib.sha256(got["b"]).hexdigest() == hashlib.sha256(data).hexdigest()
     assert any(engine.scratch), "no read took the copy path"

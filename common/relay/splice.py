@@ -9,12 +9,6 @@ Reads from an MPTCP socket are sized to what is queued (SIOCINQ). Until the kern
 the whole 1 MiB pipe when one 1.4 KiB packet waits costs 256 page allocations. TCP's
 `tcp_splice_read` moves the queued skbs and costs nothing per byte asked, so TCP reads ask for
 all the room there is.
-
-Small reads are copied instead (`SMALL_READ`): for a message of a few hundred bytes (a
-keystroke, a request, the ping of an RTT probe) one recv_into + send costs less than two
-splices, which allocate a pipe page for the bytes and run the splice machinery twice (FACTS.md:
-per-packet draining cost 3.6-3.9 CPU s/GB with recv_into, 6.0 with splice). The copy goes
-through one scratch buffer per engine, so an idle connection still holds no user-space memory.
 """
 
 from __future__ import annotations
@@ -41,7 +35,6 @@ F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 DEFAULT_PIPE_SIZE = 1 << 20
 SIOCINQ = getattr(termios, "FIONREAD", 0x541B)
-SMALL_READ = 16 * 1024  # fewer bytes queued than this are copied, not spliced (module docstring)
 
 
 def make_pipe(size: int) -> tuple[int, int, int]:
@@ -55,32 +48,16 @@ def make_pipe(size: int) -> tuple[int, int, int]:
 
 
 class SplicePump(Pump):
-    """src -> pipe -> dst; with a `scratch` buffer, small reads go src -> scratch -> dst."""
-
-    def __init__(
-        self,
-        relay: Relay,
-        src,
-        dst,
-        name: str,
-        pipe_size: int,
-        scratch: memoryview | None = None,
-    ) -> None:
+    def __init__(self, relay: Relay, src, dst, name: str, pipe_size: int) -> None:
         super().__init__(relay, src, dst, name)
         self.pipe_r, self.pipe_w, self.capacity = make_pipe(pipe_size)
         self.in_pipe = 0
         self.sized_reads = src.proto == IPPROTO_MPTCP  # see the module docstring
-        # Shared by every pump of the engine: a fill into it is drained (sent, or what dst
-        # did not take kept in `held`) before any other pump runs, since `_read` flushes at once.
-        self.scratch = scratch
-        self.ask_queue = self.sized_reads or scratch is not None  # SIOCINQ before each read
-        self.copied = 0  # bytes of the last fill waiting in `scratch`
-        self.held = b""  # copied bytes dst did not take yet; sent before the pipe's
         self._inq = bytearray(4)
 
     @property
     def pending(self) -> int:
-        return self.in_pipe + self.copied + len(self.held)
+        return self.in_pipe
 
     @property
     def space(self) -> int:
@@ -88,54 +65,24 @@ class SplicePump(Pump):
 
     def fill(self) -> int:
         room = self.capacity - self.in_pipe
-        if self.ask_queue:
+        if self.sized_reads:
             try:
                 fcntl.ioctl(self.src_fd, SIOCINQ, self._inq)
             except OSError:  # a kernel whose MPTCP has no SIOCINQ (net/mptcp/protocol.c)
-                self.ask_queue = self.sized_reads = False
+                self.sized_reads = False
             else:
                 queued = int.from_bytes(self._inq, "little")
-                if (
-                    0 < queued < SMALL_READ
-                    and self.scratch is not None
-                    and not self.in_pipe
-                    and not self.held
-                ):
-                    self.copied = self.src.recv_into(self.scratch, queued)
-                    return self.copied
-                if self.sized_reads:
-                    # 0 queued on a readable socket: EOF or an error, which a small read reports
-                    room = min(room, queued) if queued else min(room, 4096)
+                # 0 queued on a readable socket: EOF or an error, which a small read reports
+                room = min(room, queued) if queued else min(room, 4096)
         n = os.splice(self.src_fd, self.pipe_w, room, flags=_FLAGS)
         self.in_pipe += n
         return n
 
     def drain(self) -> int:
-        if self.copied:
-            return self._drain_copied()
-        if self.held:
-            n = self.dst.send(self.held)
-            self.held = self.held[n:]
-            self.moved += n
-            return n
         n = os.splice(self.pipe_r, self.dst_fd, self.in_pipe, flags=_FLAGS)
         self.in_pipe -= n
         self.moved += n
         return n
-
-    def _drain_copied(self) -> int:
-        assert self.scratch is not None
-        n, self.copied = self.copied, 0
-        try:
-            sent = self.dst.send(self.scratch[:n])
-        except BlockingIOError:
-            sent = 0
-        if sent < n:  # the scratch is the next read's: keep the rest here
-            self.held = bytes(self.scratch[sent:n])
-        self.moved += sent
-        if not sent:
-            raise BlockingIOError
-        return sent
 
     def release(self) -> None:
         os.close(self.pipe_r)
@@ -152,7 +99,6 @@ class SpliceEngine:
     ) -> None:
         self.pipe_size = pipe_size
         self.coalescing = coalescing if coalescing is not None else Coalescing()
-        self.scratch = memoryview(bytearray(SMALL_READ))  # for every pump's small reads
 
     async def relay(
         self,
@@ -165,9 +111,9 @@ class SpliceEngine:
         require_plain(self.name, session)
         r = Relay(loop, inner, tunnel, self.name, idle_timeout, self.coalescing)
         try:
-            out = SplicePump(r, inner, tunnel, "inner", self.pipe_size, self.scratch)
+            out = SplicePump(r, inner, tunnel, "inner", self.pipe_size)
             try:
-                back = SplicePump(r, tunnel, inner, "tunnel", self.pipe_size, self.scratch)
+                back = SplicePump(r, tunnel, inner, "tunnel", self.pipe_size)
             except BaseException:
                 out.release()
                 raise

@@ -44,7 +44,7 @@ def test_loopback_smoke(tmp_path: Path):
         "--mode",
         "loopback",
         "--cases",
-        "route,splice-mptcp,copy-mptcp",
+        "route,mptcp-kernel,splice-mptcp,copy-mptcp",
         "--idle-connections",
         "20",
         "--connrate-seconds",
@@ -65,6 +65,12 @@ def test_loopback_smoke(tmp_path: Path):
     assert idle["splice-mptcp"]["connections"] == 20 and "per_connection" in idle["splice-mptcp"]
     assert "x route" in r.stdout and "== targets" in r.stdout
     assert "[" in r.stderr  # the progress display
+    if have_mptcp()[0]:  # the no-relay reference: no relay CPU, and the context lines
+        for d in ("up", "down"):
+            assert runs[("mptcp-kernel", d)]["bytes"] > 0
+            assert set(runs[("mptcp-kernel", d)]["cpu"]) == {"machine"}
+        assert len(data["context"]) == 2 and "x kernel MPTCP" in data["context"][0]
+        assert "== context" in r.stdout
 
 
 def test_unknown_case_is_one_line(tmp_path: Path):
@@ -89,7 +95,7 @@ def test_netns_shaped_smoke(tmp_path: Path):
         "--links",
         "shaped",
         "--cases",
-        "route,splice-mptcp",
+        "route,mptcp-kernel,splice-mptcp",
         "--idle-connections",
         "0",
         "--connrate-seconds",
@@ -97,8 +103,8 @@ def test_netns_shaped_smoke(tmp_path: Path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert data["meta"]["mode"] == "netns" and data["meta"]["shaped_mbit"] == [100, 60, 40]
-    mp = [x for x in data["runs"] if x["case"] == "splice-mptcp"]
-    assert mp and all(x["bytes"] > 0 for x in mp)
+    mp = [x for x in data["runs"] if x["case"] in ("splice-mptcp", "mptcp-kernel")]
+    assert len(mp) == 4 and all(x["bytes"] > 0 for x in mp)
     # per-uplink routing and endpoints work: subflows joined over the other uplinks
     assert all(x.get("mp_joins", 0) >= 1 for x in mp), mp
 

@@ -2,6 +2,8 @@
 
 A case starts its relay processes (client end in the router, server end in the VPS) and says how
 the traffic generator reaches the far host: directly (routing) or through a SOCKS5 address.
+One reference case has no relay at all: the generator itself speaks MPTCP from the router to
+the VPS over the uplinks, the ceiling of the tunnel's transport on this kernel.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from pathlib import Path
 from mptun.bench.env import BenchError, Environment
 from mptun.common import ktls
 from mptun.common.crypto import generate_key
+from mptun.common.netns import have_mptcp
 
 SS_METHOD = "aes-256-gcm"
 
 
 @dataclass
 class Case:
-    """One path. `kind`: route, mptun or sslibev; `args`: extra options for both relay ends."""
+    """One path. `kind`: route, direct, mptun or sslibev; `args`: options for both relay ends."""
 
     id: str
     label: str
@@ -30,15 +33,20 @@ class Case:
     args: tuple[str, ...] = ()
     mptcp: bool = True
     idle: bool = False  # measure RSS per idle connection for this case
+    connrate: bool = True  # measure connections per second for this case
     skip: str | None = None  # why it cannot run here
 
 
 @dataclass
 class Running:
-    """A started case: the SOCKS5 address to use (None: connect directly) and relay PIDs."""
+    """A started case: where the generator runs and connects (SOCKS5 address, or None:
+    directly), with which extra generator options, and the relay PIDs."""
 
     case: Case
     socks: tuple[str, int] | None = None
+    origin: str = "lan"  # the role the generator's client side runs in
+    target: tuple[str, int] | None = None  # its own far end (None: the bench's inet server)
+    generator_args: tuple[str, ...] = ()
     pids: dict[str, int] = field(default_factory=dict)  # "client"/"server" -> PID
     procs: list[subprocess.Popen] = field(default_factory=list)
 
@@ -56,6 +64,13 @@ def all_cases() -> list[Case]:
     plain = ("--bulk", "plain")
     return [
         Case("route", "kernel route/NAT", "route"),
+        Case(
+            "mptcp-kernel",
+            "kernel MPTCP router->VPS, no relay",
+            "direct",
+            connrate=False,
+            skip=None if have_mptcp()[0] else f"no MPTCP here: {have_mptcp()[1]}",
+        ),
         Case(
             "splice-mptcp", "mptun splice MPTCP", "mptun", (*plain, "--relay", "splice"), idle=True
         ),
@@ -95,6 +110,8 @@ class Starter:
     def start(self, case: Case) -> Running:
         if case.kind == "route":
             return Running(case)
+        if case.kind == "direct":
+            return self._direct(case)
         if case.kind == "mptun":
             return self._mptun(case)
         return self._sslibev(case)
@@ -112,6 +129,18 @@ class Starter:
         running.procs.append(p)
         running.pids[end] = p.pid  # `ip netns exec` and `mptcpize run` exec: the same PID
         self.env.wait_listening(role, host, port, p)
+
+    def _direct(self, case: Case) -> Running:
+        """A generator server listening with MPTCP in the VPS; the client side runs in the
+        router, whose per-uplink endpoints (`mptun uplinks`) add a subflow per uplink."""
+        r = Running(case, origin="router", generator_args=("--mptcp",))
+        port = self.env.port("vps")
+        host = self.env.server_host
+        cmd = [sys.executable, "-m", "mptun.bench.traffic", "serve", "--mptcp"]
+        self._spawn(r, "far", "vps", [*cmd, "--host", host, "--port", str(port)], port, host)
+        r.pids.clear()  # the generator is not a relay: no per-end CPU columns
+        r.target = (host, port)
+        return r
 
     def _mptun(self, case: Case) -> Running:
         env = self.env

@@ -183,12 +183,16 @@ def bench(
     checks = report.targets(rows, results)
     click.echo(report.table(rows, cases, results, meta))
     click.echo(report.format_targets(checks))
+    ctx = report.context(rows)
+    if ctx:
+        click.echo(report.format_context(ctx))
     Path(json_path).write_text(
         json.dumps(
             {
                 "meta": meta,
                 "summary": rows,
                 "targets": [{"what": w, "held": ok, "detail": d} for w, ok, d in checks],
+                "context": ctx,
                 **results,
             },
             indent=1,

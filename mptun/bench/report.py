@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mptun.bench.cases import Case
 
-ROUTE, INCUMBENT = "route", "ss-mptcp"
+ROUTE, INCUMBENT, KERNEL_MPTCP = "route", "ss-mptcp", "mptcp-kernel"
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -183,6 +183,34 @@ def targets(rows: list[dict], results: dict) -> list[tuple[str, bool | None, str
                 )
             )
     return checks
+
+
+def context(rows: list[dict]) -> list[str]:
+    """No gate: how the raw MPTCP cases compare with the kernel's MPTCP alone (no relay), which
+    bounds what any relay over this kernel's MPTCP can reach."""
+    idx = {(r["link"], r["case"], r["direction"]): r for r in rows}
+    out = []
+    for d in ("up", "down"):
+        k, route = idx.get(("raw", KERNEL_MPTCP, d)), idx.get(("raw", ROUTE, d))
+        if not k or not k.get("mbps"):
+            continue
+        parts = []
+        if route and route.get("mbps"):
+            parts.append(f"kernel MPTCP alone {k['mbps'] / route['mbps']:.2f}x route/NAT")
+        for case in ("splice-mptcp", "copy-mptcp", "aead-mptcp", INCUMBENT):
+            c = idx.get(("raw", case, d))
+            if c and c.get("mbps"):
+                parts.append(f"{case} {c['mbps'] / k['mbps']:.2f}x kernel MPTCP")
+        out.append(f"raw {d}: " + "; ".join(parts))
+    return out
+
+
+def format_context(lines: list[str]) -> str:
+    if not lines:
+        return ""
+    return "\n".join(
+        ["", "== context (no target): against the kernel's MPTCP with no relay", *lines]
+    )
 
 
 def format_targets(checks: list[tuple[str, bool | None, str]]) -> str:

@@ -75,7 +75,7 @@ class Runner:
         per_link = len(self.cases) * (len(s.directions) * s.runs + 1)
         extra = 0
         if "raw" in s.links:
-            extra = len(self.cases) * self._do_connrate
+            extra = sum(c.connrate for c in self.cases) * self._do_connrate
             extra += sum(c.idle for c in self.cases) * self._do_idle
         return per_link * len(s.links) + extra
 
@@ -115,6 +115,8 @@ class Runner:
                         )
             if link == "raw" and self._do_connrate:
                 for r in running:
+                    if not r.case.connrate:
+                        continue
                     m = self._connrate(r)
                     progress.step(f"{r.case.id}: {m.get('per_s', 0):.0f} connections/s")
             if link == "raw" and self._do_idle:
@@ -128,7 +130,8 @@ class Runner:
 
     # -- measurements ---------------------------------------------------------------------------
     def _traffic(self, job: str, r: Running, *extra: str) -> list[str]:
-        cmd = [*TRAFFIC, job, "--target", f"{self.target[0]}:{self.target[1]}", *extra]
+        host, port = r.target or self.target
+        cmd = [*TRAFFIC, job, "--target", f"{host}:{port}", *r.generator_args, *extra]
         if r.socks:
             cmd += ["--socks", f"{r.socks[0]}:{r.socks[1]}"]
         return cmd
@@ -140,7 +143,7 @@ class Runner:
         return out
 
     def _rtt_idle(self, link: str, r: Running) -> None:
-        out = self.env.run("lan", self._traffic("rtt", r, "--seconds", "1"), timeout=30)
+        out = self.env.run(r.origin, self._traffic("rtt", r, "--seconds", "1"), timeout=30)
         self.results["rtt_idle"].append(
             {"link": link, "case": r.case.id, "rtt_ms": json.loads(out)["rtt_ms"]}
         )
@@ -151,10 +154,10 @@ class Runner:
         before = self._cpu(r)
         counters = self._mptcp_counters()
         bulk = self.env.popen(
-            "lan", self._traffic(direction, r, "--seconds", str(s)), stdout=subprocess.PIPE
+            r.origin, self._traffic(direction, r, "--seconds", str(s)), stdout=subprocess.PIPE
         )
         rtt = self.env.popen(
-            "lan", self._traffic("rtt", r, "--seconds", str(s * 0.8)), stdout=subprocess.PIPE
+            r.origin, self._traffic("rtt", r, "--seconds", str(s * 0.8)), stdout=subprocess.PIPE
         )
         try:
             out, _ = bulk.communicate(timeout=s + 120)
@@ -202,7 +205,7 @@ class Runner:
         s = self.settings.connrate_seconds
         before = self._cpu(r)
         try:
-            out = self.env.run("lan", self._traffic("connrate", r, "--seconds", str(s)), s + 60)
+            out = self.env.run(r.origin, self._traffic("connrate", r, "--seconds", str(s)), s + 60)
             m = json.loads(out)
         except (BenchError, ValueError) as e:
             m = {"error": str(e)}
@@ -216,7 +219,7 @@ class Runner:
         n = self.settings.idle_connections
         before = {end: rss_bytes(pid) for end, pid in r.pids.items()}
         cmd = self._traffic("hold", r, "--count", str(n))
-        p = self.env.popen("lan", cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        p = self.env.popen(r.origin, cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         m: dict = {"case": r.case.id, "connections": n}
         try:
             assert p.stdout is not None and p.stdin is not None

@@ -13,6 +13,10 @@ The client side (`up`, `down`, `rtt`, `connrate`, `hold`) connects directly or t
 proxy (mptun's client, ss-local) and prints one JSON line. Bulk data is cheap for the generator
 itself: the sender uses sendfile from a memfd, the receiver discards with MSG_TRUNC (TCP drops
 the bytes in the kernel, net/ipv4/tcp.c), so the relays, not the generator, are measured.
+
+`--mptcp` (both sides) makes the generator's own sockets MPTCP: the bench's "kernel MPTCP, no
+relay" reference. MPTCP ignores MSG_TRUNC (6.18 copies up to the buffer's size, checked
+here), so that receiver pays one copy to user space that the TCP receivers do not.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import time
 from collections.abc import Callable
 
 CHUNK = 1 << 20  # per sendfile / recv call
+IPPROTO_MPTCP = 262
 SAMPLE = 0.1  # seconds between throughput samples
 
 
@@ -152,11 +157,24 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def dial(
-    target: tuple[str, int], socks: tuple[str, int] | None, timeout: float = 10
+    target: tuple[str, int],
+    socks: tuple[str, int] | None,
+    timeout: float = 10,
+    mptcp: bool = False,
 ) -> socket.socket:
-    """A blocking TCP connection to target, through a SOCKS5 proxy when given."""
+    """A blocking TCP (or MPTCP) connection to target, through a SOCKS5 proxy when given."""
     first = socks or target
-    sock = socket.create_connection(first, timeout=timeout)
+    if mptcp:
+        family = socket.AF_INET6 if ":" in first[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(first)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        sock = socket.create_connection(first, timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         if socks:
@@ -172,13 +190,14 @@ def dial(
 class Server:
     """The far-end peer: asyncio for ECHO (many connections), a thread per bulk stream."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, mptcp: bool = False) -> None:
         self.host, self.port = host, port
+        self.proto = IPPROTO_MPTCP if mptcp else 0
 
     async def run(self, ready: Callable[[int], None]) -> None:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        lst = socket.socket(family, socket.SOCK_STREAM)
+        lst = socket.socket(family, socket.SOCK_STREAM, self.proto)
         lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lst.bind((self.host, self.port))
         lst.listen(4096)
@@ -240,8 +259,8 @@ class Server:
 
 
 # -- client jobs -----------------------------------------------------------------------------------
-def job_up(target, socks, seconds: float) -> dict:
-    with dial(target, socks) as s:
+def job_up(target, socks, seconds: float, mptcp: bool = False) -> dict:
+    with dial(target, socks, mptcp=mptcp) as s:
         s.sendall(f"UP {seconds}\n".encode())
         started = time.monotonic()
         sent = send_for(s, seconds + 60, until_readable=True)
@@ -254,17 +273,19 @@ def job_up(target, socks, seconds: float) -> dict:
     return result
 
 
-def job_down(target, socks, seconds: float) -> dict:
-    with dial(target, socks) as s:
+def job_down(target, socks, seconds: float, mptcp: bool = False) -> dict:
+    with dial(target, socks, mptcp=mptcp) as s:
         s.sendall(f"DOWN {seconds}\n".encode())
         return receive_all(s)
 
 
-def job_rtt(target, socks, seconds: float, size: int = 64, interval: float = 0.01) -> dict:
+def job_rtt(
+    target, socks, seconds: float, size: int = 64, interval: float = 0.01, mptcp: bool = False
+) -> dict:
     """Ping-pong `size`-byte messages every `interval` s: RTT samples in milliseconds."""
     msg = os.urandom(size)
     samples: list[float] = []
-    with dial(target, socks) as s:
+    with dial(target, socks, mptcp=mptcp) as s:
         s.sendall(b"ECHO\n")
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -366,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     sv = sub.add_parser("serve")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=0)
+    sv.add_argument("--mptcp", action="store_true", help="listen with MPTCP")
     for name in ("up", "down", "rtt", "connrate", "hold"):
         p = sub.add_parser(name)
         p.add_argument("--target", required=True, help="HOST:PORT of `serve`")
@@ -373,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seconds", type=float, default=5.0)
         p.add_argument("--concurrency", type=int, default=16)
         p.add_argument("--count", type=int, default=1000)
+        p.add_argument("--mptcp", action="store_true", help="connect with MPTCP (up/down/rtt)")
     a = ap.parse_args(argv)
     if a.cmd == "serve":
         threading.stack_size(512 * 1024)
@@ -380,17 +403,17 @@ def main(argv: list[str] | None = None) -> int:
         def ready(port: int) -> None:
             print(json.dumps({"port": port}), flush=True)
 
-        _run_loop(Server(a.host, a.port).run(ready))
+        _run_loop(Server(a.host, a.port, a.mptcp).run(ready))
         return 0
     target = _hostport(a.target)
     socks = _hostport(a.socks) if a.socks else None
     try:
         if a.cmd == "up":
-            out = job_up(target, socks, a.seconds)
+            out = job_up(target, socks, a.seconds, mptcp=a.mptcp)
         elif a.cmd == "down":
-            out = job_down(target, socks, a.seconds)
+            out = job_down(target, socks, a.seconds, mptcp=a.mptcp)
         elif a.cmd == "rtt":
-            out = job_rtt(target, socks, a.seconds)
+            out = job_rtt(target, socks, a.seconds, mptcp=a.mptcp)
         elif a.cmd == "connrate":
             out = _run_loop(_connrate(target, socks, a.seconds, a.concurrency))
         else:

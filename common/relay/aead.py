@@ -54,6 +54,8 @@ START_SLOTS = 4
 class SealPump(Pump):
     """Plaintext from src, records to dst."""
 
+    frees_when_quiet = True  # `shrink` unmaps its buffers
+
     def __init__(self, relay: Relay, src, dst, name: str, sealer: Sealer, slots: int) -> None:
         super().__init__(relay, src, dst, name)
         self.sealer = sealer
@@ -150,6 +152,8 @@ class SealPump(Pump):
 
 class OpenPump(Pump):
     """Records from src, plaintext to dst."""
+
+    frees_when_quiet = True  # `shrink` unmaps its buffers
 
     def __init__(self, relay: Relay, src, dst, name: str, opener: Opener, size: int) -> None:
         super().__init__(relay, src, dst, name)

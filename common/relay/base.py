@@ -189,6 +189,11 @@ class Engine(Protocol):
 class Pump:
     """One direction. Subclasses implement `fill`, `drain`, `pending`, `space`, `release`."""
 
+    # True for a pump whose `shrink` frees something: only those arm the quiet timer. (A
+    # splice pump's stage is a pipe it keeps; the timer cost it a wakeup every ~100 ms per
+    # direction for nothing, ~15% of a download's wakeups at 200 Mbit with a ping-pong beside.)
+    frees_when_quiet = False
+
     def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, name: str) -> None:
         self.relay = relay
         self.loop = relay.loop
@@ -453,7 +458,12 @@ class Pump:
         if self._writing:
             self.loop.remove_writer(self.dst_fd)
             self._writing = False
-        if self._quiet_timer is None and self.coalescing is not None and not self.eof:
+        if (
+            self.frees_when_quiet
+            and self._quiet_timer is None
+            and self.coalescing is not None
+            and not self.eof
+        ):
             self._quiet_timer = self.loop.call_at(
                 self._last + self.coalescing.quiet_after, self._on_quiet
             )

@@ -23,6 +23,8 @@ DEFAULT_BUFFER = 256 * 1024
 
 
 class CopyPump(Pump):
+    frees_when_quiet = True  # `shrink` unmaps its buffers
+
     def __init__(self, relay: Relay, src, dst, name: str, size: int) -> None:
         super().__init__(relay, src, dst, name)
         self.size = size

@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import time
 
 TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads (proc(5): fields 14 and 15 of stat)."""
+    """CPU time of a process, all its threads, dead ones included, to the nanosecond.
+
+    The process's CPU-time clock (clock_getcpuclockid(3)) is the scheduler's runtime, which
+    /proc/PID/stat's utime + stime are scaled to (kernel/sched/cputime.c cputime_adjust) but
+    rounded to clock ticks: 10 ms, ~6% of what a relay spends on one 5 s run at 200 Mbit.
+    """
+    clock = _process_clock(pid)
+    if clock is not None:
+        try:
+            return time.clock_gettime(clock)
+        except OSError:
+            pass
     with open(f"/proc/{pid}/stat") as f:
         # the command name (field 2) may hold spaces: split after its closing parenthesis
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _process_clock(pid: int) -> int | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        clock = ctypes.c_int()
+        if libc.clock_getcpuclockid(pid, ctypes.byref(clock)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return clock.value
 
 
 def rss_bytes(pid: int) -> int:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 
 from mptun.bench.env import NetnsEnv
+from mptun.common.sockets import IPPROTO_MPTCP
 
 # The receiver: an MPTCP listener that reads each connection to EOF, a read of `size` bytes at
 # most, sleeping `nap` seconds after each (0: as fast as it can).
@@ -76,7 +78,7 @@ def main() -> int:
     )
     a = ap.parse_args()
     runs, seconds = min(a.runs, 100), min(a.seconds, 60.0)
-    proto = "6" if a.tcp else "262"
+    proto = str(socket.IPPROTO_TCP if a.tcp else IPPROTO_MPTCP)
     env = NetnsEnv()
     try:
         host, port = env.server_host, env.port("vps")

@@ -61,6 +61,7 @@ def all_cases() -> list[Case]:
         None if shutil.which("mptcpize") else "mptcpize is not installed (apt-get install mptcpize)"
     )
     ktls_skip = ktls.probe(mptcp=False)
+    mptcp_ok, no_mptcp = have_mptcp()
     plain = ("--bulk", "plain")
     return [
         Case("route", "kernel route/NAT", "route"),
@@ -69,7 +70,7 @@ def all_cases() -> list[Case]:
             "kernel MPTCP router->VPS, no relay",
             "direct",
             connrate=False,
-            skip=None if have_mptcp()[0] else f"no MPTCP here: {have_mptcp()[1]}",
+            skip=None if mptcp_ok else f"no MPTCP here: {no_mptcp}",
         ),
         Case(
             "splice-mptcp", "mptun splice MPTCP", "mptun", (*plain, "--relay", "splice"), idle=True

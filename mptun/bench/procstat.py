@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import time
 
@@ -30,8 +29,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def _process_clock(pid: int) -> int | None:
+    # CDLL(None): the symbols already loaded, libc's among them. (ctypes.util.find_library
+    # would run ldconfig in a subprocess on every call, inside the run being measured.)
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
         clock = ctypes.c_int()
         if libc.clock_getcpuclockid(pid, ctypes.byref(clock)) != 0:
             return None

@@ -34,8 +34,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from mptun.common.sockets import IPPROTO_MPTCP
+
 CHUNK = 1 << 20  # per sendfile / recv call
-IPPROTO_MPTCP = 262
 SAMPLE = 0.1  # seconds between throughput samples
 
 

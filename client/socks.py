@@ -8,8 +8,8 @@ import logging
 import socket
 from collections import Counter
 
+from mptun.client import socks5
 from mptun.client.tunnel import Dialer
-from mptun.common import socks5
 from mptun.common.address import format_sockaddr
 from mptun.common.handshake import ConnectStatus
 from mptun.common.logutil import BurstLog

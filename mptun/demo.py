@@ -1,6 +1,6 @@
 """`mptun demo`: one TCP connection gets the sum of three shaped uplinks, live, then cleans up.
 
-Everything happens in network namespaces this command creates (mptun.common.testbed) with
+Everything happens in network namespaces this command creates (mptun.lab.testbed) with
 documentation addresses only; nothing outside them changes. Ctrl-C (or SIGTERM) at any point
 stops the processes and deletes the namespaces before exiting.
 """
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import click
 
-from mptun.common.netns import have_mptcp
-from mptun.common.testbed import SERVER_V4, Testbed, diagram
+from mptun.lab.netns import have_mptcp
+from mptun.lab.rig import SERVER_PORT, Rig, mptun_argv
+from mptun.lab.testbed import SERVER_V4, Testbed, diagram
 from mptun.options import Number, env
-from mptun.rig import SERVER_PORT, Rig, mptun_argv
 
 NOT_ROOT = """\
 mptun demo builds a small network inside this machine: four network namespaces, three virtual

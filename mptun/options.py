@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from mptun.common import uci
+from mptun import uci
 from mptun.common.address import Address
 from mptun.common.crypto import CIPHERS, DEFAULT_CIPHER, decode_key, load_key_file
 from mptun.common.errors import ConfigError, MptunError

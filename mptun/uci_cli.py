@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from mptun.common import uci
+from mptun import uci
 from mptun.common.errors import ConfigError
 from mptun.options import UCI_SERVICE_KEYS, uci_defaults
 

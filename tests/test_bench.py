@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mptun.common.netns import have_mptcp, have_netns
+from mptun.lab.netns import have_mptcp, have_netns
 
 
 def bench(

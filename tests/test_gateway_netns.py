@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from mptun.common.netns import Netns, have_netns
-from mptun.common.testbed import (
+from mptun.lab.netns import Netns, have_netns
+from mptun.lab.testbed import (
     INET_HOST_V4,
     INET_HOST_V6,
     LAN_HOST_V4,

@@ -1,6 +1,6 @@
 """Multipath on a real kernel over real shaped links: aggregation, failover, fallback, IPv6.
 
-Topology: mptun.common.testbed (LAN host -- router ==3 tbf-shaped uplinks== VPS -- inet host).
+Topology: mptun.lab.testbed (LAN host -- router ==3 tbf-shaped uplinks== VPS -- inet host).
 Rates are set by tbf far below what the machine moves, so ratios against the configured rates
 are fair assertions; every rate is measured over a window of seconds (the fetcher's running byte
 count and the uplinks' /sys counters), never at an instant. Margins are wide.
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from mptun.common.netns import have_mptcp, have_netns
-from mptun.common.testbed import Testbed
-from mptun.rig import Fetch, Rig, mptun_argv
+from mptun.lab.netns import have_mptcp, have_netns
+from mptun.lab.rig import Fetch, Rig, mptun_argv
+from mptun.lab.testbed import Testbed
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mptun.common.netns import Netns, have_mptcp, have_netns
-from mptun.common.testbed import INET_HOST_V4, INET_HOST_V6, SERVER_V4, SERVER_V6, Testbed
+from mptun.lab.netns import Netns, have_mptcp, have_netns
+from mptun.lab.testbed import INET_HOST_V4, INET_HOST_V6, SERVER_V4, SERVER_V6, Testbed
 from tests.conftest import need
 from tests.helpers import SLOWDOWN
 

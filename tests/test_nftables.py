@@ -19,7 +19,7 @@ from mptun.client.nftables import (
     render_gateway,
 )
 from mptun.common.errors import ConfigError
-from mptun.common.netns import Netns, have_netns
+from mptun.lab.netns import Netns, have_netns
 from tests.helpers import ROOT
 
 SERVERS = [ipaddress.ip_address("203.0.113.100"), ipaddress.ip_address("fd00:ff::100")]

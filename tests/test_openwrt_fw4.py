@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mptun.common.netns import Netns, have_netns
+from mptun.lab.netns import Netns, have_netns
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 

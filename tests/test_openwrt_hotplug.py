@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mptun.common.netns import Netns, have_mptcp, have_netns
+from mptun.lab.netns import Netns, have_mptcp, have_netns
 from tests.helpers import ROOT
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]

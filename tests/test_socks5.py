@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from mptun.common import socks5
+from mptun.client import socks5
 from mptun.common.address import Address
 
 GREETING = b"\x05\x01\x00"

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 import pytest
 
+from mptun import uci
 from mptun.client.cli import client
-from mptun.common import uci
 from mptun.common.errors import ConfigError
 from mptun.options import uci_defaults
 from tests.helpers import ROOT

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from mptun.common.netns import Netns, have_mptcp, have_netns
-from mptun.common.testbed import Testbed
-from mptun.rig import mptun_argv
+from mptun.lab.netns import Netns, have_mptcp, have_netns
+from mptun.lab.rig import mptun_argv
+from mptun.lab.testbed import Testbed
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from mptun.bench.env import BenchError, Environment
 from mptun.common import ktls
 from mptun.common.crypto import generate_key
-from mptun.common.netns import have_mptcp
+from mptun.lab.netns import have_mptcp
 
 SS_METHOD = "aes-256-gcm"
 

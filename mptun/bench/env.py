@@ -13,8 +13,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from mptun.common.netns import NetnsError, have_mptcp, have_netns, run
-from mptun.common.testbed import INET_HOST_V4, LAN_ROUTER_V4, SERVER_V4, Testbed
+from mptun.lab.netns import NetnsError, have_mptcp, have_netns, run
+from mptun.lab.testbed import INET_HOST_V4, LAN_ROUTER_V4, SERVER_V4, Testbed
 
 SHAPED_MBIT = (100, 60, 40)
 _NAT_RULES = """
@@ -121,7 +121,7 @@ class LoopbackEnv(Environment):
 
 
 class NetnsEnv(Environment):
-    """The test bed of common/testbed.py, with per-uplink routing and NAT on the router."""
+    """The test bed of mptun/lab/testbed.py, with per-uplink routing and NAT on the router."""
 
     name = "netns"
     target_host = str(INET_HOST_V4)

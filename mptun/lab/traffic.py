@@ -1,8 +1,8 @@
 """Verified, time-driven traffic for the demo, the multipath tests and benchmarks.
 
-    python -m mptun.traffic serve --listen HOST:PORT
-    python -m mptun.traffic fetch --target HOST:PORT [--socks HOST:PORT] --seconds S
-    python -m mptun.traffic counters IFACE... [--interval S]
+    python -m mptun.lab.traffic serve --listen HOST:PORT
+    python -m mptun.lab.traffic fetch --target HOST:PORT [--socks HOST:PORT] --seconds S
+    python -m mptun.lab.traffic counters IFACE... [--interval S]
 
 `serve` answers a request line `SEND <seconds>\\n` by streaming a known pattern for that long, then
 closes its sending side and prints `{"event": "sent", "bytes": N}`. `fetch` (through SOCKS5 when
@@ -178,7 +178,9 @@ def counters(ifaces: list[str], interval: float, count: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mptun.traffic", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m mptun.lab.traffic", description=__doc__.split("\n")[0]
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("serve")
     p.add_argument("--listen", required=True)
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             counters(args.ifaces, args.interval, args.count)
     except (MptunError, OSError) as e:
-        print(f"mptun.traffic: error: {e}", file=sys.stderr)
+        print(f"mptun.lab.traffic: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -35,7 +35,7 @@ import ipaddress
 import secrets
 from dataclasses import dataclass, field
 
-from mptun.common.netns import Netns, run
+from mptun.lab.netns import Netns, run
 
 SERVER_V4 = ipaddress.IPv4Address("203.0.113.100")
 SERVER_V6 = ipaddress.IPv6Address("fd00:ff::100")

@@ -3,10 +3,10 @@
 `mptun demo`, the multipath tests and benchmarks drive the same pieces the same way:
 
     vps:    mptun server --listen [::]:8443            (the tunnel's far end)
-    inet:   python -m mptun.traffic serve              (a peer streaming a checked pattern)
+    inet:   python -m mptun.lab.traffic serve              (a peer streaming a checked pattern)
     router: mptun uplinks [--watch] wan1 wan2 wan3     (endpoints, tables, rules)
             mptun client --socks 192.0.2.1:1080        (the tunnel's near end)
-    lan:    python -m mptun.traffic fetch --socks ...  (one TCP connection through the tunnel)
+    lan:    python -m mptun.lab.traffic fetch --socks ...  (one TCP connection through the tunnel)
 
 Fixed ports are safe here: every process runs in a namespace the test bed just created.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import IO
 
 from mptun.common.crypto import generate_key
-from mptun.common.netns import Netns
-from mptun.common.testbed import (
+from mptun.lab.netns import Netns
+from mptun.lab.testbed import (
     INET_HOST_V4,
     INET_HOST_V6,
     LAN_ROUTER_V4,
@@ -121,7 +121,14 @@ class Rig:
         )  # fmt: skip
         peer = self._popen(
             tb.inet,
-            [sys.executable, "-m", "mptun.traffic", "serve", "--listen", f"[::]:{TRAFFIC_PORT}"],
+            [
+                sys.executable,
+                "-m",
+                "mptun.lab.traffic",
+                "serve",
+                "--listen",
+                f"[::]:{TRAFFIC_PORT}",
+            ],
             stdout=self.log("traffic-serve"),
             stderr=subprocess.STDOUT,
         )
@@ -172,7 +179,7 @@ class Rig:
         proc = self._popen(
             self.tb.lan,
             [
-                sys.executable, "-m", "mptun.traffic", "fetch",
+                sys.executable, "-m", "mptun.lab.traffic", "fetch",
                 "--socks", f"{LAN_ROUTER_V4}:{SOCKS_PORT}",
                 "--target", f"{target}:{TRAFFIC_PORT}",
                 "--seconds", str(seconds), "--interval", str(interval),
@@ -190,7 +197,7 @@ class Rig:
             [
                 sys.executable,
                 "-m",
-                "mptun.traffic",
+                "mptun.lab.traffic",
                 "counters",
                 *ifaces,
                 "--interval",

@@ -1,8 +1,8 @@
 """Coalescing settings side by side: relay CPU per GB and reads per MB at the receiving end.
 
 What `mptun bench` does not sweep: `--coalesce-ms` values, on the three shaped uplinks or on one
-MPTCP path (the setting of FACTS.md's drain measurements). Every variant runs in the same test
-bed, round-robin, and is printed as a ratio against no coalescing. Needs root.
+MPTCP path (the setting of the drain measurements in docs/design/batching.md). Every variant runs
+in the same test bed, round-robin, and is printed as a ratio against no coalescing. Needs root.
 
     sudo .venv/bin/python benchmarks/coalescing.py --paths 1 --rate 200 --delays 0,2,8
     sudo .venv/bin/python benchmarks/coalescing.py --paths 3 --delays 0,2,8

@@ -5,7 +5,7 @@ Starts `mptun server` and `mptun client` (SOCKS) on loopback once per engine (pl
 the splice and copy engines, encrypted bulk data with the aead engine), then moves
 bytes with kernel-speed endpoints (sendfile out of a tmpfs file, splice into /dev/null) so the
 generator is not the bottleneck. Prints, for each case and direction, the median throughput and
-the CPU seconds per GB spent by the two mptun processes (utime+stime from /proc), and ratios
+the CPU seconds per GB spent by the two mptun processes (their CPU-time clocks), and ratios
 against the direct connection measured in the same run.
 
     .venv/bin/python benchmarks/loopback_relay.py [--gib 2] [--runs 3] [--transport mptcp]
@@ -26,15 +26,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mptun.bench.procstat import cpu_seconds
 from tests.helpers import free_port, wait_listening
 
 CHUNK = 64 << 20  # the tmpfs source file; sent repeatedly
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def recv_exact(s: socket.socket, n: int) -> bytes:

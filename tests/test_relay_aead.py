@@ -19,8 +19,8 @@ from mptun.common.errors import Status
 from mptun.common.handshake import BulkKeys, WireMode
 from mptun.common.records import Opener, Sealer
 from mptun.common.relay.aead import AeadEngine
-from mptun.common.relay.base import Session, Side
 from mptun.common.relay.ktls import KtlsEngine
+from mptun.common.relay.session import Session, Side
 from mptun.common.relay.splice import SpliceEngine
 
 NO_KTLS = ktls.probe()

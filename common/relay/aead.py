@@ -19,7 +19,6 @@ or any record that fails, aborts the relay, which resets both legs.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 from mptun.common.errors import ProtocolError, Status
@@ -33,16 +32,11 @@ from mptun.common.records import (
     Opener,
     Sealer,
 )
-from mptun.common.relay.base import (
-    PLAIN,
-    Coalescing,
-    Pump,
-    Relay,
-    RelayStats,
-    Session,
-    free_buffers,
-    stage_buffer,
-)
+from mptun.common.relay.base import Pump, Relay
+from mptun.common.relay.batching import Coalescing
+from mptun.common.relay.buffers import free_buffers, stage_buffer
+from mptun.common.relay.engine import PumpEngine
+from mptun.common.relay.session import Session
 
 DEFAULT_SLOTS = 64  # most records per read: 1 MiB
 # A direction starts with buffers for START_SLOTS records and grows them 4x (up to `slots`) each
@@ -51,10 +45,21 @@ DEFAULT_SLOTS = 64  # most records per read: 1 MiB
 START_SLOTS = 4
 
 
-class SealPump(Pump):
-    """Plaintext from src, records to dst."""
+class BufferPump(Pump):
+    """A pump whose stage is a pair of buffers, allocated while bytes move; dst is sent
+    outbuf[head:end]."""
 
     frees_when_quiet = True  # `shrink` unmaps its buffers
+    head: int
+    end: int
+
+    @property
+    def pending(self) -> int:
+        return self.end - self.head
+
+
+class SealPump(BufferPump):
+    """Plaintext from src, records to dst."""
 
     def __init__(self, relay: Relay, src, dst, name: str, sealer: Sealer, slots: int) -> None:
         super().__init__(relay, src, dst, name)
@@ -86,10 +91,6 @@ class SealPump(Pump):
         self.sealed = [self.outview[r + HEADER_LEN : r + FULL_RECORD] for r in records]
         self.short = None
         self.allocated = True
-
-    @property
-    def pending(self) -> int:
-        return self.end - self.head
 
     @property
     def space(self) -> int:
@@ -150,10 +151,8 @@ class SealPump(Pump):
         free_buffers(self.inbuf, self.outbuf)
 
 
-class OpenPump(Pump):
+class OpenPump(BufferPump):
     """Records from src, plaintext to dst."""
-
-    frees_when_quiet = True  # `shrink` unmaps its buffers
 
     def __init__(self, relay: Relay, src, dst, name: str, opener: Opener, size: int) -> None:
         super().__init__(relay, src, dst, name)
@@ -172,10 +171,6 @@ class OpenPump(Pump):
         self.outbuf = stage_buffer(self.size)  # plaintext is always shorter than its records
         self.outview = memoryview(self.outbuf)
         self.allocated = True
-
-    @property
-    def pending(self) -> int:
-        return self.end - self.head
 
     @property
     def space(self) -> int:
@@ -227,7 +222,7 @@ class OpenPump(Pump):
         free_buffers(self.inbuf, self.outbuf)
 
 
-class AeadEngine:
+class AeadEngine(PumpEngine):
     """Encrypted bulk data in user space: the portable encrypted engine."""
 
     name = "aead"
@@ -238,22 +233,15 @@ class AeadEngine:
         record_limit: int | None = None,
         coalescing: Coalescing | None = None,
     ) -> None:
+        super().__init__(coalescing)
         self.slots = slots
         self.record_limit = record_limit  # None: the cipher's limit (tests lower it)
-        self.coalescing = coalescing if coalescing is not None else Coalescing()
 
-    async def relay(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        inner: socket.socket,
-        tunnel: socket.socket,
-        idle_timeout: float | None = None,
-        session: Session = PLAIN,
-    ) -> RelayStats:
-        sealer, opener = session.sealer(self.record_limit), session.opener()
-        r = Relay(loop, inner, tunnel, self.name, idle_timeout, self.coalescing)
-        r.add_pumps(
-            SealPump(r, inner, tunnel, "inner", sealer, self.slots),
-            OpenPump(r, tunnel, inner, "tunnel", opener, self.slots * MAX_PLAINTEXT),
+    def make_pumps(
+        self, relay: Relay, inner: socket.socket, tunnel: socket.socket, session: Session
+    ) -> tuple[Pump, Pump]:
+        sealer, opener = session.sealer(self.record_limit), session.opener()  # or UsageError
+        return (
+            SealPump(relay, inner, tunnel, "inner", sealer, self.slots),
+            OpenPump(relay, tunnel, inner, "tunnel", opener, self.slots * MAX_PLAINTEXT),
         )
-        return await r.run()

@@ -6,35 +6,34 @@ rest: back-pressure (stop reading while the stage is full, wait for the writer),
 src becomes shutdown(SHUT_WR) on dst once the stage is empty), and abnormal ends (any socket error
 resets both legs so the peer never mistakes a truncated stream for a complete one).
 
-No coroutine runs per chunk: after setup the relay is a pair of callbacks per socket.
-
-Coalescing (docs/design/batching.md): at WiFi rates a wakeup can find one ~1.4 KiB packet, and a
-wakeup costs more than the bytes it moves (FACTS.md: 6.0 CPU s/GB draining per packet, 0.70 with
-SO_RCVLOWAT 64 KiB and a 2 ms timeout). So once a direction *streams* (`enter_after` bytes read in
-wakeups less than `delay` apart) its source socket gets SO_RCVLOWAT `low_water`: the kernel wakes
-us only when that much waits (or at EOF/error), and a timer reads whatever sits below the mark
-`delay` after the last read (longer as a one-way stream ages, up to `max_delay`). A direction
-that stays quiet for `Coalescing.quiet_after` drops back to SO_RCVLOWAT 1, so interactive traffic
-is relayed at once; while streaming, a byte (a stream's last bytes) waits at most the delay.
+No coroutine runs per chunk: after setup the relay is a pair of callbacks per socket. When a
+streaming direction's reads are batched is decided by its `Batcher` (common/relay/batching.py,
+docs/design/batching.md); the pump only carries out its answers: SO_RCVLOWAT, timers, a read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import errno
-import mmap
 import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from mptun.common.crypto import CipherSpec
-from mptun.common.errors import MptunError, Status, UsageError
-from mptun.common.handshake import BulkKeys, WireMode
+from mptun.common.errors import MptunError, Status
 from mptun.common.mptcpinfo import live_subflows
-from mptun.common.records import Opener, Sealer
+from mptun.common.relay.batching import (
+    NO_COALESCING,
+    Actions,
+    ArmQuiet,
+    ArmRead,
+    Batcher,
+    Coalescing,
+    Read,
+    SetMark,
+    Signal,
+    pair,
+)
 from mptun.common.sockets import IPPROTO_MPTCP, arm_reset, reset
 
 # An MPTCP tunnel whose subflows are all closed is dead, but the kernel does not always say so:
@@ -47,63 +46,6 @@ from mptun.common.sockets import IPPROTO_MPTCP, arm_reset, reset
 # close its subflow: TCP keeps retransmitting until the user timeout, so outages are not cut.)
 LIVENESS_INTERVAL = 3.0
 LIVENESS_RECHECK = 1.0
-TIMER_SLACK = 0.001  # seconds: a timer this close to its due time counts as due (`_on_timer`)
-
-
-class Side(enum.Enum):
-    """Which end of the tunnel this process is: it picks the key of each direction."""
-
-    CLIENT = "client"
-    SERVER = "server"
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    """What an engine needs to know about one tunnel beyond its two sockets."""
-
-    mode: WireMode = WireMode.PLAIN
-    side: Side = Side.CLIENT
-    cipher: CipherSpec | None = None
-    keys: BulkKeys | None = None
-    tx_seq: int = 0  # records this side sealed on the tunnel before the relay started
-
-    def _require_keys(self) -> tuple[CipherSpec, BulkKeys]:
-        if self.mode is not WireMode.ENCRYPTED or self.cipher is None or self.keys is None:
-            raise UsageError("an encrypted session needs a cipher and bulk keys")
-        return self.cipher, self.keys
-
-    def tx_key_iv(self) -> tuple[bytes, bytes]:
-        """Key and IV of the records this side sends."""
-        _, k = self._require_keys()
-        if self.side is Side.CLIENT:
-            return k.c2s_key, k.c2s_iv
-        return k.s2c_key, k.s2c_iv
-
-    def rx_key_iv(self) -> tuple[bytes, bytes]:
-        """Key and IV of the records this side receives."""
-        _, k = self._require_keys()
-        if self.side is Side.CLIENT:
-            return k.s2c_key, k.s2c_iv
-        return k.c2s_key, k.c2s_iv
-
-    def sealer(self, limit: int | None = None) -> Sealer:
-        cipher, _ = self._require_keys()
-        key, iv = self.tx_key_iv()
-        return Sealer(cipher, key, iv, self.tx_seq, limit)
-
-    def opener(self) -> Opener:
-        cipher, _ = self._require_keys()
-        key, iv = self.rx_key_iv()
-        return Opener(cipher, key, iv)
-
-
-PLAIN = Session()  # the session of a plain-mode tunnel (immutable)
-
-
-def require_plain(engine: str, session: Session) -> None:
-    """Plain engines move bytes as they are: refuse to relay an encrypted session."""
-    if session.mode is not WireMode.PLAIN:
-        raise UsageError(f"relay engine {engine} cannot carry encrypted bulk data")
 
 
 @dataclass(slots=True)
@@ -125,74 +67,11 @@ class RelayStats:
         return (self.ended or time.monotonic()) - self.started
 
 
-@dataclass(frozen=True, slots=True)
-class Coalescing:
-    """How a streaming direction batches its reads; `delay` 0 turns batching off."""
-
-    # Measured (docs/design/batching.md, benchmarks/coalescing.py, three shaped uplinks,
-    # receiving relay's CPU per GB against no batching): 8 ms 0.58-0.80x, 16 ms 0.42-0.51x,
-    # throughput unchanged; the cost at WiFi rates is per wakeup. A stream starts with `delay`
-    # (a web page's responses end at most 8 ms late); while the other direction stays silent
-    # (a download, an upload) its delay grows to `age_share` of the time since the stream began
-    # or the other direction last spoke, up to `max_delay`: the wait is then at most 1% of how
-    # long the transfer has run. Any bytes the other way (a request, a keystroke, a window
-    # update) bring the short delay back, so interactive streams stay at `delay`.
-    # The mark is set above what arrives in a delay at WiFi rates, so there the timer paces
-    # the reads; at raw speed the mark does.
-    delay: float = 0.008  # longest a byte waits below the mark in a young or two-way stream
-    age_share: float = 0.01  # a one-way stream's delay: this share of its age...
-    max_factor: int = 4  # ...up to this many times `delay`
-    low_water: int = 1024 * 1024  # SO_RCVLOWAT while streaming
-    enter_after: int = 128 * 1024  # bytes read in wakeups < `delay` apart that make a stream
-    # A stream ends after this long without bytes (at least `max_delay`). Not at the first empty
-    # timer read: on several paths MPTCP's reordering stalls the in-sequence data for tens of
-    # ms (an RTT of the slow subflow), and leaving and re-entering the stream at each stall
-    # cost more than no batching (two setsockopt per flip, each copied to every subflow,
-    # and prompt reads of what trickles in). While streaming the timer keeps running, so a
-    # byte still waits at most the stream's delay.
-    quiet: float = 0.1
-    # A read this small right after the other direction moved bytes is a reply, not a stream
-    # (`Pump._observe`); a stream's reads at WiFi rates are a packet or more.
-    small: int = 16 * 1024
-
-    @property
-    def max_delay(self) -> float:
-        return self.max_factor * self.delay
-
-    @property
-    def quiet_after(self) -> float:
-        return max(self.quiet, self.max_delay)
-
-    @property
-    def enabled(self) -> bool:
-        return self.delay > 0 and self.low_water > 1
-
-
-NO_COALESCING = Coalescing(delay=0.0)
-
-
-class Engine(Protocol):
-    """Relays one connection; takes ownership of both sockets and closes them."""
-
-    name: str
-
-    async def relay(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        inner: socket.socket,
-        tunnel: socket.socket,
-        idle_timeout: float | None = None,
-        session: Session = PLAIN,
-    ) -> RelayStats: ...
-
-
 class Pump:
     """One direction. Subclasses implement `fill`, `drain`, `pending`, `space`, `release`."""
 
-    # True for a pump whose `shrink` frees something: only those arm the quiet timer. (A
-    # splice pump's stage is a pipe it keeps; re-arming the timer every ~100 ms per direction
-    # was a quarter of the client's loop wakeups in a 200 Mbit download with the bench's
-    # ping-pong beside: strace, 783 -> 577 epoll_pwait in 4 s, splices unchanged.)
+    # True for a pump whose `shrink` frees something: only those arm the quiet timer (a splice
+    # pump keeps its pipe; docs/design/batching.md, "Freeing idle buffers").
     frees_when_quiet = False
 
     def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, name: str) -> None:
@@ -207,18 +86,10 @@ class Pump:
         self.done = False
         self._reading = False
         self._writing = False
-        self.coalescing = relay.coalescing if relay.coalescing.enabled else None
-        self.streaming = False  # SO_RCVLOWAT raised on src (see the module docstring)
-        self.mark = 1  # SO_RCVLOWAT now
-        self._since = 0.0  # loop time the stream began
+        self.batcher = Batcher(relay.coalescing, self._rcvbuf, self.frees_when_quiet)
         self.wakeups = 0  # fills attempted (readable callbacks and timer reads)
-        self._burst = 0  # bytes read in wakeups less than `delay` apart
-        self._last = 0.0  # loop time of the last read that moved bytes
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # reads below the mark (`Batcher`)
         self._quiet_timer: asyncio.TimerHandle | None = None  # frees buffers when quiet
-        self.other: Pump | None = None  # the opposite direction (set by Relay.add_pumps)
-        self.turns = 0  # reads that moved bytes: the other pump's tells a conversation
-        self._other_turns = 0  # the other pump's `turns` at this pump's last read
 
     # -- what an engine implements ------------------------------------------------------------
     def fill(self) -> int:
@@ -261,6 +132,7 @@ class Pump:
         if self._quiet_timer is not None:
             self._quiet_timer.cancel()
             self._quiet_timer = None
+        self.batcher.stopped()
         if self._writing:
             self.loop.remove_writer(self.dst_fd)
             self._writing = False
@@ -269,8 +141,8 @@ class Pump:
         if not self._reading and not self.eof and not self.done and self.space > 0:
             self.loop.add_reader(self.src_fd, self._on_readable)
             self._reading = True
-            if self.streaming:
-                self._arm()
+            if self.batcher.streaming:
+                self._do(self.batcher.resumed(self.loop.time()))
 
     def _pause_reading(self) -> None:
         if self._reading:
@@ -299,145 +171,51 @@ class Pump:
         if n == 0:
             self.eof = True
             self._pause_reading()
-        elif self.coalescing is not None:
-            self._observe(n)
+        elif self.batcher.enabled:
+            self._do(self.batcher.read(n, self.loop.time()))
         self._flush()
         return n
 
-    # -- coalescing -----------------------------------------------------------------------------
-    def _observe(self, n: int) -> None:
-        """Account a read; a direction that reads `enter_after` bytes back to back streams.
+    # -- batching: the pump carries out what its `batcher` decides ------------------------------
+    def _do(self, actions: Actions) -> None:
+        for action in actions:
+            match action:
+                case ArmRead(at):
+                    self._timer = self.loop.call_at(at, self._on_timer)
+                case SetMark(mark):
+                    try:
+                        # poll reports EPOLLIN below the mark only at EOF or on an error
+                        # (net/ipv4/tcp.c tcp_poll, net/mptcp/protocol.h mptcp_epollin_ready)
+                        self.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+                    except OSError:  # a socket type that refuses it
+                        self._do(self.batcher.mark_refused())
+                case Read(at):
+                    if self._read() < 0 and not self.relay.closed and not self.pending:
+                        self._do(self.batcher.found_nothing(at))
+                case ArmQuiet(at):
+                    self._quiet_timer = self.loop.call_at(at, self._on_quiet)
+                case Signal.CANCEL_READ:
+                    if self._timer is not None:
+                        self._timer.cancel()
+                        self._timer = None
+                case Signal.SHRINK:
+                    self.shrink()
 
-        A conversation is not a stream, however fast: when the other direction moved bytes
-        since this one last read and this read is small, the bytes are a reply (a request/
-        response exchange, keystrokes after a download). That resets the count, and ends a
-        stream, so a fast exchange of small messages is never held for `delay`.
-        """
-        c = self.coalescing
-        assert c is not None
-        now = self.loop.time()
-        self.turns += 1
-        other = self.other.turns if self.other is not None else 0
-        reply = other != self._other_turns and n < c.small
-        self._other_turns = other
-        if self.streaming:
-            if reply:
-                self._set_streaming(False)
-            elif n >= self.mark < c.low_water:
-                # The mark woke us (a timer-paced read leaves it moot) and is below
-                # `low_water`: the buffer may have grown since, let the mark follow.
-                self._raise_mark()
-        elif reply:
-            self._burst = n
-        else:
-            self._burst = self._burst + n if now - self._last < c.delay else n
-            if self._burst >= c.enter_after:
-                self._set_streaming(True)
-        self._last = now
-        if self.streaming:
-            self._arm()
-
-    def _arm(self) -> None:
-        if self._timer is None and self.coalescing is not None:
-            self._timer = self.loop.call_at(self._last + self._delay(), self._on_timer)
+    def _rcvbuf(self) -> int | None:
+        try:
+            return self.src.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        except OSError:
+            return None
 
     def _on_timer(self) -> None:
-        """`delay` after the last read: take what waits below the mark; quiet ends streaming."""
         self._timer = None
-        c = self.coalescing
-        if c is None or not self.streaming or self.eof or self.done or not self._reading:
-            return  # reading resumes (and re-arms) once the drain has made room
-        now = self.loop.time()
-        delay = self._delay()
-        due = self._last + delay
-        # The kernel woke us since the timer was set: wait `delay` from that read. The slack
-        # matters: uvloop's clock and timers have 1 ms resolution, so `due` computed in floats
-        # can sit a hair after the clock's value when the timer fires; re-arming for that
-        # hair makes a zero-timeout timer that spins the loop until the next millisecond.
-        if due - now > TIMER_SLACK:
-            self._timer = self.loop.call_at(due, self._on_timer)
-            return
-        if self._read() >= 0 or self.relay.closed or self.pending:
-            return  # a read re-arms the timer (`_observe`)
-        if now - self._last >= c.quiet_after - TIMER_SLACK:
-            self._set_streaming(False)  # quiet: back to prompt reads
-        else:  # a stall inside the stream: look again in `delay`
-            self._timer = self.loop.call_at(now + delay, self._on_timer)
-
-    def _delay(self) -> float:
-        """How long a byte may wait below the mark now (`Coalescing`): `delay`, growing with
-        the age of a one-way stream, counted from its start or the other direction's last bytes."""
-        c = self.coalescing
-        assert c is not None
-        since = self._since
-        if self.other is not None and self.other._last > since:
-            since = self.other._last
-        return min(c.max_delay, max(c.delay, (self.loop.time() - since) * c.age_share))
+        reading = self._reading and not self.eof and not self.done
+        self._do(self.batcher.timer_fired(self.loop.time(), reading))
 
     def _on_quiet(self) -> None:
-        """Free the stage once the direction has been quiet for `quiet_after`, not after every
-        message: reallocating per message made a 64-byte round trip through the aead engine
-        cost ~3x one through splice (mmap, views; benchmarks/pingpong.py)."""
         self._quiet_timer = None
-        c = self.coalescing
-        if c is None or self.eof or self.done or self.relay.closed:
-            return
-        due = self._last + c.quiet_after
-        if self.streaming or self.pending or due - self.loop.time() > TIMER_SLACK:
-            self._quiet_timer = self.loop.call_at(
-                max(due, self.loop.time() + c.delay), self._on_quiet
-            )
-            return
-        self.shrink()
-
-    def _set_streaming(self, on: bool) -> None:
-        assert self.coalescing is not None
-        try:
-            mark = self._fitting_mark() if on else 1
-            self._set_mark(mark)
-        except OSError:
-            self.coalescing = None  # a socket type that refuses it: relay without batching
-            self.streaming = False
-            return
-        self.streaming = on
-        if on:
-            self._since = self.loop.time()
-        self._burst = 0
-        if not on and self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _fitting_mark(self) -> int:
-        """`low_water`, or less while the receive buffer is small: at most a quarter of it.
-
-        A mark the buffer cannot hold twice over makes the kernel grow the buffer *and clamp
-        the window to the mark* (net/ipv4/tcp.c tcp_set_rcvlowat; net/mptcp/sockopt.c
-        mptcp_set_rcvlowat sets every subflow's window_clamp, upstream 5684ab1a0eff "mptcp:
-        give rcvlowat some love"). The queue then seldom reaches the mark, every read waits
-        for the timer, and the clamp keeps autotuning from opening the window: measured here,
-        a 1 MiB mark set early in a raw MPTCP transfer held it at 1.2-5 Gbit/s against 15.
-        A quarter of sk_rcvbuf is below the window the buffer already allows (the payload is
-        about half of it), so the kernel changes nothing; as autotuning grows the buffer,
-        `_observe` raises the mark with it.
-        """
-        assert self.coalescing is not None
-        rcvbuf = self.src.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        return max(1, min(self.coalescing.low_water, rcvbuf // 4))
-
-    def _raise_mark(self) -> None:
-        try:
-            mark = self._fitting_mark()
-            if mark > self.mark:
-                self._set_mark(mark)
-        except OSError:
-            pass  # the mark set when the stream began stays
-
-    def _set_mark(self, mark: int) -> None:
-        # Accepted on TCP and, on this kernel, on MPTCP sockets (FACTS.md); poll reports
-        # EPOLLIN below the mark only at EOF or error (net/ipv4/tcp.c tcp_poll,
-        # net/mptcp/protocol.h mptcp_epollin_ready).
-        self.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
-        self.mark = mark
+        ended = self.eof or self.done or self.relay.closed
+        self._do(self.batcher.quiet_fired(self.loop.time(), self.pending > 0, ended))
 
     def _on_writable(self) -> None:
         self._flush()
@@ -459,15 +237,7 @@ class Pump:
         if self._writing:
             self.loop.remove_writer(self.dst_fd)
             self._writing = False
-        if (
-            self.frees_when_quiet
-            and self._quiet_timer is None
-            and self.coalescing is not None
-            and not self.eof
-        ):
-            self._quiet_timer = self.loop.call_at(
-                self._last + self.coalescing.quiet_after, self._on_quiet
-            )
+        self._do(self.batcher.flushed(self.eof))
         if self.eof:
             if not self.done:
                 try:
@@ -514,7 +284,7 @@ class Relay:
     def add_pumps(self, out: Pump, back: Pump) -> None:
         """`out` moves inner -> tunnel, `back` tunnel -> inner."""
         self.pumps = [out, back]
-        out.other, back.other = back, out
+        pair(out.batcher, back.batcher)
 
     async def run(self) -> RelayStats:
         for leg in (self.inner, self.tunnel):
@@ -601,36 +371,6 @@ class Relay:
                 reset(s)
         if not self._done.done():
             self._done.set_result(None)
-
-
-BIG_BUFFER = 64 * 1024  # stage buffers this large get their own mapping (see `stage_buffer`)
-
-
-def stage_buffer(size: int) -> bytearray | mmap.mmap:
-    """A zeroed, writable buffer for a pump's stage.
-
-    Large ones are anonymous mappings: the kernel zero-fills only the pages a read touches, and
-    closing one unmaps it at once. From the heap they would be memset up front, and glibc keeps
-    freed chunks of the sizes it saw freed (its mmap threshold rises to them): measured, 1,000
-    aead tunnels with 1 MiB stages left +180 MiB of RSS behind (tests/test_load.py).
-    """
-    return mmap.mmap(-1, size) if size >= BIG_BUFFER else bytearray(size)
-
-
-def free_buffers(*buffers: bytearray | mmap.mmap) -> None:
-    """Give a finished pump's buffers back now, not when the garbage collector next runs.
-
-    A relay and its pumps reference each other, so they are freed only by a full collection:
-    measured, 1,000 aead tunnels left ~1 GiB of RSS behind per round (tests/test_load.py).
-    """
-    for b in buffers:
-        try:
-            if isinstance(b, mmap.mmap):
-                b.close()
-            else:
-                b.clear()
-        except BufferError:  # still exported to a view somewhere: left to the collector
-            pass
 
 
 def _describe(e: Exception) -> str:

@@ -10,23 +10,53 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 
 from mptun.common import ktls
 from mptun.common.errors import ConfigError
 from mptun.common.handshake import WireMode
 from mptun.common.relay.aead import AeadEngine
-from mptun.common.relay.base import PLAIN, Coalescing, Engine, RelayStats, Session
+from mptun.common.relay.base import RelayStats
+from mptun.common.relay.batching import Coalescing
+from mptun.common.relay.engine import Engine
 from mptun.common.relay.ktls import KtlsEngine
+from mptun.common.relay.session import PLAIN, Session
 from mptun.common.relay.splice import SpliceEngine
 
 log = logging.getLogger("mptun.relay")
 
 BULK_CHOICES = ("auto", "aead", "ktls", "plain")
 
+# An engine's `relay` with its options bound: (loop, inner, tunnel, idle_timeout, session).
+RelayCall = Callable[
+    [asyncio.AbstractEventLoop, socket.socket, socket.socket, float | None, Session],
+    Awaitable[RelayStats],
+]
 
-class AutoEngine:
+
+class Dispatcher:
+    """An engine that hands each connection to another one: it states only which (`pick`)."""
+
+    name: str
+
+    def pick(self, tunnel: socket.socket, session: Session) -> RelayCall:
+        raise NotImplementedError
+
+    async def relay(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        inner: socket.socket,
+        tunnel: socket.socket,
+        idle_timeout: float | None = None,
+        session: Session = PLAIN,
+    ) -> RelayStats:
+        return await self.pick(tunnel, session)(loop, inner, tunnel, idle_timeout, session)
+
+
+class AutoEngine(Dispatcher):
     """Per connection: kTLS if this tunnel socket takes it, else aead; says which once per why."""
 
     name = "auto"
@@ -41,14 +71,7 @@ class AutoEngine:
             self._said.add(message)
             log.info("%s", message)
 
-    async def relay(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        inner: socket.socket,
-        tunnel: socket.socket,
-        idle_timeout: float | None = None,
-        session: Session = PLAIN,
-    ) -> RelayStats:
+    def pick(self, tunnel: socket.socket, session: Session) -> RelayCall:
         engine = self.ktls
         if engine is not None:
             try:
@@ -58,19 +81,15 @@ class AutoEngine:
                     self.ktls = None
                 if e.stage == "rx":  # TX is already in the kernel: aead cannot take over
                     log.warning("kTLS took the send key but not the receive key: %s", e)
-                    return await engine.relay(
-                        loop, inner, tunnel, idle_timeout, session, installed=True
-                    )
+                    return functools.partial(engine.relay, installed=True)
                 self._say_once(f"bulk auto: aead for this tunnel ({e})")
             else:
                 self._say_once("bulk auto: ktls (this tunnel socket takes kTLS)")
-                return await engine.relay(
-                    loop, inner, tunnel, idle_timeout, session, installed=True
-                )
-        return await self.aead.relay(loop, inner, tunnel, idle_timeout, session)
+                return functools.partial(engine.relay, installed=True)
+        return self.aead.relay
 
 
-class ByMode:
+class ByMode(Dispatcher):
     """The engine a process relays with: one for plain tunnels, one for encrypted ones."""
 
     def __init__(self, plain: Engine, encrypted: Engine, summary: str = "") -> None:
@@ -79,16 +98,8 @@ class ByMode:
         self.name = f"{plain.name}/{encrypted.name}"
         self.summary = summary  # logged once at start: which encrypted engine and why
 
-    async def relay(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        inner: socket.socket,
-        tunnel: socket.socket,
-        idle_timeout: float | None = None,
-        session: Session = PLAIN,
-    ) -> RelayStats:
-        engine = self.encrypted if session.mode is WireMode.ENCRYPTED else self.plain
-        return await engine.relay(loop, inner, tunnel, idle_timeout, session=session)
+    def pick(self, tunnel: socket.socket, session: Session) -> RelayCall:
+        return (self.encrypted if session.mode is WireMode.ENCRYPTED else self.plain).relay
 
 
 def encrypted_engine(

@@ -6,18 +6,12 @@ The buffer is allocated at the first read and freed whenever it empties outside 
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
-from mptun.common.relay.base import (
-    PLAIN,
-    Coalescing,
-    Pump,
-    Relay,
-    RelayStats,
-    Session,
-    require_plain,
-)
+from mptun.common.relay.base import Pump, Relay
+from mptun.common.relay.batching import Coalescing
+from mptun.common.relay.engine import PumpEngine
+from mptun.common.relay.session import Session
 
 DEFAULT_BUFFER = 256 * 1024
 
@@ -66,29 +60,22 @@ class CopyPump(Pump):
             self.view = None
 
 
-class CopyEngine:
+class CopyEngine(PumpEngine):
     """One copy in and one copy out of user space per chunk."""
 
     name = "copy"
+    plain_only = True
 
     def __init__(
         self, buffer_size: int = DEFAULT_BUFFER, coalescing: Coalescing | None = None
     ) -> None:
+        super().__init__(coalescing)
         self.buffer_size = buffer_size
-        self.coalescing = coalescing if coalescing is not None else Coalescing()
 
-    async def relay(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        inner: socket.socket,
-        tunnel: socket.socket,
-        idle_timeout: float | None = None,
-        session: Session = PLAIN,
-    ) -> RelayStats:
-        require_plain(self.name, session)
-        r = Relay(loop, inner, tunnel, self.name, idle_timeout, self.coalescing)
-        r.add_pumps(
-            CopyPump(r, inner, tunnel, "inner", self.buffer_size),
-            CopyPump(r, tunnel, inner, "tunnel", self.buffer_size),
+    def make_pumps(
+        self, relay: Relay, inner: socket.socket, tunnel: socket.socket, session: Session
+    ) -> tuple[Pump, Pump]:
+        return (
+            CopyPump(relay, inner, tunnel, "inner", self.buffer_size),
+            CopyPump(relay, tunnel, inner, "tunnel", self.buffer_size),
         )
-        return await r.run()

@@ -18,9 +18,11 @@ from mptun.common import ktls
 from mptun.common.errors import ProtocolError, Status
 from mptun.common.records import MAX_PLAINTEXT, RecordLimitReached, record_limit
 from mptun.common.relay.aead import AeadEngine
-from mptun.common.relay.base import PLAIN, Coalescing, Relay, RelayStats, Session
+from mptun.common.relay.base import Pump, Relay, RelayStats
+from mptun.common.relay.batching import Coalescing
+from mptun.common.relay.engine import PumpEngine, pump_pair
+from mptun.common.relay.session import PLAIN, Session
 from mptun.common.relay.splice import DEFAULT_PIPE_SIZE, SplicePump
-from mptun.common.sockets import reset
 
 log = logging.getLogger("mptun.relay")
 
@@ -75,10 +77,11 @@ class KtlsRxPump(SplicePump):
         return n
 
 
-class KtlsEngine:
+class KtlsEngine(PumpEngine):
     """Encrypted bulk data in the kernel; needs a socket that takes kTLS (plain TCP today)."""
 
     name = "ktls"
+    reset_when_refused = True
 
     def __init__(
         self,
@@ -86,9 +89,9 @@ class KtlsEngine:
         record_limit: int | None = None,
         coalescing: Coalescing | None = None,
     ) -> None:
+        super().__init__(coalescing)
         self.pipe_size = pipe_size
         self.record_limit = record_limit
-        self.coalescing = coalescing if coalescing is not None else Coalescing()
 
     def install(self, tunnel: socket.socket, session: Session) -> None:
         """Hand the session's keys to the kernel; raises ktls.KtlsRefused."""
@@ -108,7 +111,6 @@ class KtlsEngine:
         installed: bool = False,
     ) -> RelayStats:
         """Relay; `installed` when the caller already ran `install` (the auto engine does)."""
-        r = Relay(loop, inner, tunnel, self.name, idle_timeout, self.coalescing)
         session.tx_key_iv()  # an encrypted session, or UsageError
         if not installed:
             try:
@@ -120,24 +122,15 @@ class KtlsEngine:
                     log.debug("kTLS refused on a half-closed tunnel: aead for this one")
                     fallback = AeadEngine(coalescing=self.coalescing)
                     return await fallback.relay(loop, inner, tunnel, idle_timeout, session)
-                return _refused(r, inner, tunnel, f"kTLS refused: {e}")
+                return self.refuse(inner, tunnel, f"kTLS refused: {e}")
+        return await super().relay(loop, inner, tunnel, idle_timeout, session)
+
+    def make_pumps(
+        self, relay: Relay, inner: socket.socket, tunnel: socket.socket, session: Session
+    ) -> tuple[Pump, Pump]:
         assert session.cipher is not None
         limit = record_limit(session.cipher) if self.record_limit is None else self.record_limit
-        try:
-            out = KtlsTxPump(r, inner, tunnel, "inner", self.pipe_size, limit)
-            try:
-                back = KtlsRxPump(r, tunnel, inner, "tunnel", self.pipe_size)
-            except BaseException:
-                out.release()
-                raise
-        except OSError as e:  # EMFILE/ENFILE: no fd for a pipe
-            return _refused(r, inner, tunnel, f"no pipe: {e.strerror}")
-        r.add_pumps(out, back)
-        return await r.run()
-
-
-def _refused(r: Relay, inner: socket.socket, tunnel: socket.socket, why: str) -> RelayStats:
-    r.stats.clean, r.stats.error = False, why
-    for s in (inner, tunnel):
-        reset(s)
-    return r.stats
+        return pump_pair(
+            lambda: KtlsTxPump(relay, inner, tunnel, "inner", self.pipe_size, limit),
+            lambda: KtlsRxPump(relay, tunnel, inner, "tunnel", self.pipe_size),
+        )

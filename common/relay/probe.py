@@ -6,7 +6,7 @@ import os
 import socket
 
 from mptun.common.errors import ConfigError
-from mptun.common.relay.base import Coalescing
+from mptun.common.relay.batching import Coalescing
 from mptun.common.relay.copy import CopyEngine
 from mptun.common.relay.splice import SpliceEngine, make_pipe
 

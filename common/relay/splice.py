@@ -3,31 +3,25 @@
 Pipes are made when a connection starts relaying and sized with F_SETPIPE_SZ. An unprivileged
 process is capped by fs.pipe-user-pages-soft and gets EPERM: then the default size is kept.
 
-Reads from an MPTCP socket are sized to what is queued (SIOCINQ). Until the kernel has an MPTCP
-`splice_read` (merged after 6.19, FACTS.md), splicing from MPTCP goes through fs/splice.c
-`copy_splice_read`, which allocates a page for every 4 KiB *asked for* before reading: asking for
-the whole 1 MiB pipe when one 1.4 KiB packet waits costs 256 page allocations. TCP's
-`tcp_splice_read` moves the queued skbs and costs nothing per byte asked, so TCP reads ask for
-all the room there is.
+Reads from an MPTCP socket are sized to what is queued (SIOCINQ). A protocol without a
+`splice_read` is spliced by fs/splice.c `copy_splice_read` (net/socket.c `sock_splice_read`), and
+MPTCP's `mptcp_stream_ops` (net/mptcp/protocol.c) gained one only after 6.19; `copy_splice_read`
+allocates a page for every 4 KiB *asked for* before reading: asking for the whole 1 MiB pipe
+when one 1.4 KiB packet waits costs 256 page allocations. TCP's `tcp_splice_read` moves the
+queued skbs and costs nothing per byte asked, so TCP reads ask for all the room there is.
 """
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import socket
 import termios
 
-from mptun.common.relay.base import (
-    PLAIN,
-    Coalescing,
-    Pump,
-    Relay,
-    RelayStats,
-    Session,
-    require_plain,
-)
+from mptun.common.relay.base import Pump, Relay
+from mptun.common.relay.batching import Coalescing
+from mptun.common.relay.engine import PumpEngine, pump_pair
+from mptun.common.relay.session import Session
 from mptun.common.sockets import IPPROTO_MPTCP
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -89,38 +83,22 @@ class SplicePump(Pump):
         os.close(self.pipe_w)
 
 
-class SpliceEngine:
+class SpliceEngine(PumpEngine):
     """Zero user-space copies; the default wherever the kernel splices sockets."""
 
     name = "splice"
+    plain_only = True
 
     def __init__(
         self, pipe_size: int = DEFAULT_PIPE_SIZE, coalescing: Coalescing | None = None
     ) -> None:
+        super().__init__(coalescing)
         self.pipe_size = pipe_size
-        self.coalescing = coalescing if coalescing is not None else Coalescing()
 
-    async def relay(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        inner: socket.socket,
-        tunnel: socket.socket,
-        idle_timeout: float | None = None,
-        session: Session = PLAIN,
-    ) -> RelayStats:
-        require_plain(self.name, session)
-        r = Relay(loop, inner, tunnel, self.name, idle_timeout, self.coalescing)
-        try:
-            out = SplicePump(r, inner, tunnel, "inner", self.pipe_size)
-            try:
-                back = SplicePump(r, tunnel, inner, "tunnel", self.pipe_size)
-            except BaseException:
-                out.release()
-                raise
-        except OSError as e:  # EMFILE/ENFILE: no fd for a pipe
-            r.stats.clean, r.stats.error = False, f"no pipe: {e.strerror}"
-            for s in (inner, tunnel):
-                s.close()
-            return r.stats
-        r.add_pumps(out, back)
-        return await r.run()
+    def make_pumps(
+        self, relay: Relay, inner: socket.socket, tunnel: socket.socket, session: Session
+    ) -> tuple[Pump, Pump]:
+        return pump_pair(
+            lambda: SplicePump(relay, inner, tunnel, "inner", self.pipe_size),
+            lambda: SplicePump(relay, tunnel, inner, "tunnel", self.pipe_size),
+        )

@@ -14,10 +14,11 @@ import enum
 import time
 from dataclasses import dataclass
 
-from mptun.client.tunnel import Dialer, TunnelError
+from mptun.client.tunnel import Tunneler, TunnelError
 from mptun.common.address import Address, ip_or_name
+from mptun.common.drive import drive
 from mptun.common.errors import ProtocolError
-from mptun.common.handshake import ClientHandshake, NeedData, Response
+from mptun.common.handshake import ClientHandshake
 
 CHECK_TARGET = Address(ip_or_name("0.0.0.0"), 0)
 
@@ -38,13 +39,13 @@ class Check:
     rtt_ms: float | None = None
 
 
-async def run_check(dialer: Dialer, timeout: float) -> Check:
+async def run_check(tunneler: Tunneler, timeout: float) -> Check:
     """Connect, send one first flight, wait up to `timeout` s for the server's answer."""
     loop = asyncio.get_running_loop()
-    cfg = dialer.config
+    cfg = tunneler.config
     started = time.monotonic()
     try:
-        tunnel, mptcp = await dialer.open(loop)
+        tunnel, mptcp = await tunneler.open(loop)
     except TunnelError as e:
         return Check(CheckResult.UNREACHABLE, f"cannot reach the server: {e}")
     via = {True: "MPTCP", False: "TCP (MPTCP fell back)", None: "TCP"}[mptcp]
@@ -52,13 +53,8 @@ async def run_check(dialer: Dialer, timeout: float) -> Check:
     sent = time.monotonic()
     try:
         await loop.sock_sendall(tunnel, hs.first_flight())
-        async with asyncio.timeout(timeout):
-            while not isinstance(event := hs.next_event(), Response):
-                assert isinstance(event, NeedData)
-                data = await loop.sock_recv(tunnel, hs.bytes_needed())
-                if not data:
-                    return _silent(cfg.server, "closed the connection without answering")
-                hs.receive_data(data)
+        if await drive(loop, tunnel, hs, loop.time() + timeout) is None:
+            return _silent(cfg.server, "closed the connection without answering")
     except TimeoutError:
         return _silent(cfg.server, f"did not answer within {timeout:g} s")
     except ProtocolError as e:

@@ -2,7 +2,7 @@
 
 Each query that misses the cache goes to the upstream resolver as DNS over TCP through one tunnel
 connection (like ss-tunnel pointed at port 53, but with the query riding in the first flight): a
-socket pair's far end is handed to `Dialer.run`, the one path every listener shares, and the near
+socket pair's far end is handed to `Tunneler.run`, the one path every listener shares, and the near
 end writes the framed query and reads the framed answer. Identical queries in flight share one
 upstream exchange; at most `max_inflight` tunnels are open for DNS, at most `max_pending` queries
 wait, and beyond that queries get SERVFAIL at once instead of piling up.
@@ -19,10 +19,11 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from mptun.client.dnscache import DnsCache, cache_key
-from mptun.client.tunnel import Dialer
+from mptun.client.tunnel import Tunneler
 from mptun.common import dns
 from mptun.common.address import Address
 from mptun.common.errors import ProtocolError
+from mptun.common.listener import drain_tasks
 from mptun.common.logutil import BurstLog
 from mptun.common.sockets import family_of, sockaddr_address
 
@@ -38,8 +39,8 @@ class UpstreamError(Exception):
 class TunnelExchange:
     """One query, one tunnel connection to the upstream resolver, DNS over TCP (RFC 7766)."""
 
-    def __init__(self, dialer: Dialer, upstream: Address) -> None:
-        self.dialer, self.upstream = dialer, upstream
+    def __init__(self, tunneler: Tunneler, upstream: Address) -> None:
+        self.tunneler, self.upstream = tunneler, upstream
         self.tasks: set[asyncio.Task] = set()
 
     async def __call__(self, query: bytes) -> bytes:
@@ -53,9 +54,11 @@ class TunnelExchange:
             near.close()
             far.close()
             raise
-        # The query is readable on `far` before the tunnel connects, so Dialer.run sends it in the
+        # The query is readable on `far` before the tunnel connects, so Tunneler.run sends it in the
         # first flight. The task owns `far`; it ends when the relay sees `near` close.
-        task = loop.create_task(self.dialer.run(self.dialer.next_id(), "dns", far, self.upstream))
+        task = loop.create_task(
+            self.tunneler.run(self.tunneler.next_id(), "dns", far, self.upstream)
+        )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         framer = dns.TcpFramer()
@@ -86,7 +89,7 @@ class DnsForwarder:
     ) -> None:
         self.exchange, self.cache = exchange, cache
         self.max_inflight, self.max_pending, self.timeout = max_inflight, max_pending, timeout
-        # shared with the Dialer's in the client, so --stats-file shows them; keys start "dns-"
+        # shared with the Tunneler's in the client, so --stats-file shows them; keys start "dns-"
         self.counters: Counter[str] = Counter() if counters is None else counters
         self._slots = asyncio.Semaphore(max_inflight)
         self._inflight: dict[object, asyncio.Future[tuple[bytes, dns.Message] | None]] = {}
@@ -298,12 +301,8 @@ class DnsUdpServer:
             self.sock = None
 
     async def drain(self, timeout: float) -> int:
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=timeout)
-        left = list(self.tasks)
-        for t in left:
-            t.cancel()
-        return len(left)
+        """Wait up to `timeout` for queries in flight, then cancel the rest; how many."""
+        return await drain_tasks(self.tasks, timeout)
 
 
 def _pktinfo(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, bytes] | None:

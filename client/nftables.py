@@ -21,10 +21,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mptun.common.address import IPAddress, IPNetwork
+from mptun.common.address import parse_networks as _parse_networks
 from mptun.common.errors import ConfigError
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # What a router should never send through the tunnel unless told to: RFC 6890's special-purpose
 # ranges that are not globally reachable (documentation ranges excepted: test beds use them).
@@ -154,13 +153,8 @@ class GatewaySettings:
 
 
 def parse_networks(values: Iterable[str], what: str = "bypass") -> list[IPNetwork]:
-    out = []
-    for v in values:
-        try:
-            out.append(ipaddress.ip_network(v.strip(), strict=False))
-        except ValueError:
-            raise ConfigError(f"{what}: not an address or CIDR: {v!r}") from None
-    return out
+    """Bypass ranges: addresses or CIDRs (common/address.py's parser, in this option's words)."""
+    return _parse_networks(values, what)
 
 
 def _elements(nets: Iterable[IPNetwork], version: int) -> list[str]:

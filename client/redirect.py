@@ -2,7 +2,7 @@
 
 Each is the SOCKS listener's path minus the SOCKS exchange (go-shadowsocks2's tcp.go does the
 same with one `tcpLocal` and a target function per listener): find the target, then
-`Dialer.run`, which reads the application's first bytes into the first flight and resets the
+`Tunneler.run`, which reads the application's first bytes into the first flight and resets the
 connection when the tunnel cannot be set up.
 
 - redirect: the original destination comes from conntrack (SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST);
@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable
 
 from mptun.client.service import ListenerSpec
-from mptun.client.tunnel import Dialer
+from mptun.client.tunnel import Tunneler
 from mptun.common.address import Address
 from mptun.common.logutil import BurstLog
 from mptun.common.sockets import is_local_address, original_dst, reset, sockaddr_address
@@ -34,22 +34,22 @@ class NoTarget(Exception):
 class DirectListener:
     """Accepts connections and tunnels each to the target `target_of` finds for it."""
 
-    def __init__(self, dialer: Dialer, kind: str, target_of: TargetOf) -> None:
-        self.dialer, self.kind, self.target_of = dialer, kind, target_of
+    def __init__(self, tunneler: Tunneler, kind: str, target_of: TargetOf) -> None:
+        self.tunneler, self.kind, self.target_of = tunneler, kind, target_of
         self._bad_log = BurstLog(log, logging.WARNING)
 
     async def handle(self, sock: socket.socket, peer: tuple) -> None:
-        cid = self.dialer.next_id()
+        cid = self.tunneler.next_id()
         source = f"{self.kind} {sockaddr_address(peer)}"
         try:
             target = self.target_of(sock)
         except (OSError, NoTarget) as e:
-            self.dialer.counters[f"{self.kind}-no-target"] += 1
+            self.tunneler.counters[f"{self.kind}-no-target"] += 1
             why = e.strerror if isinstance(e, OSError) else str(e)
             self._bad_log("%s %s: no destination to tunnel to: %s; resetting", cid, source, why)
             reset(sock)
             return
-        await self.dialer.run(cid, source, sock, target)
+        await self.tunneler.run(cid, source, sock, target)
 
 
 def redirected_target(sock: socket.socket) -> Address:
@@ -88,7 +88,7 @@ def fixed_target(target: Address) -> TargetOf:
 
 
 def gateway_listeners(
-    dialer: Dialer,
+    tunneler: Tunneler,
     redir: Address | None,
     tproxy: Address | None,
     forward: list[tuple[Address, Address]] | tuple[tuple[Address, Address], ...],
@@ -96,10 +96,10 @@ def gateway_listeners(
     """The listeners of --redir, --tproxy and each --forward LOCAL=TARGET."""
     specs = []
     if redir is not None:
-        specs.append(ListenerSpec(redir, DirectListener(dialer, "redir", redirected_target)))
+        specs.append(ListenerSpec(redir, DirectListener(tunneler, "redir", redirected_target)))
     if tproxy is not None:
-        handler = DirectListener(dialer, "tproxy", tproxy_target(tproxy.port))
+        handler = DirectListener(tunneler, "tproxy", tproxy_target(tproxy.port))
         specs.append(ListenerSpec(tproxy, handler, transparent=True))
     for local, target in forward:
-        specs.append(ListenerSpec(local, DirectListener(dialer, "forward", fixed_target(target))))
+        specs.append(ListenerSpec(local, DirectListener(tunneler, "forward", fixed_target(target))))
     return specs

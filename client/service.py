@@ -1,4 +1,4 @@
-"""The client process: one Dialer shared by every listener (SOCKS5, redirect, forward, DNS)."""
+"""The client process: one Tunneler shared by every listener (SOCKS5, redirect, forward, DNS)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from mptun.client.tunnel import Dialer
+from mptun.client.tunnel import Tunneler
 from mptun.common.address import Address
 from mptun.common.errors import ConfigError
 from mptun.common.limits import fit_connections
@@ -46,7 +46,7 @@ class ListenerSpec:
 class Client:
     def __init__(
         self,
-        dialer: Dialer,
+        tunneler: Tunneler,
         listeners: list[ListenerSpec],
         max_connections: int = 4096,
         services: list[Service] | None = None,
@@ -55,7 +55,7 @@ class Client:
             raise ConfigError(
                 "nothing to listen on: give --socks, --redir, --tproxy, --forward or --dns"
             )
-        self.dialer = dialer
+        self.tunneler = tunneler
         self.specs = listeners
         self.services = services or []
         self.max_connections = max_connections
@@ -94,7 +94,7 @@ class Client:
             self.started.append(service)
             self.addresses.append(bound)
             log.info("%s listening on %s", service.kind, bound)
-        cfg = self.dialer.config
+        cfg = self.tunneler.config
         log.info(
             "tunnel to %s (%s, cipher %s, relay %s, mode %s)",
             cfg.server,
@@ -120,7 +120,7 @@ class Client:
         """Counters and gauges for `--stats-file` / SIGUSR1 (docs/CLI.md lists the names)."""
         return {
             "role": "client",
-            "counters": dict(sorted(self.dialer.counters.items())),
+            "counters": dict(sorted(self.tunneler.counters.items())),
             "active": sum(a.active for a in self.loops),
             "limit_pauses": sum(a.pauses for a in self.loops),
             "accept_errors": sum(a.accept_errors for a in self.loops),

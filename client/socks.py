@@ -9,7 +9,7 @@ import socket
 from collections import Counter
 
 from mptun.client import socks5
-from mptun.client.tunnel import Dialer
+from mptun.client.tunnel import Tunneler
 from mptun.common.address import format_sockaddr
 from mptun.common.handshake import ConnectStatus
 from mptun.common.logutil import BurstLog
@@ -41,13 +41,13 @@ class SocksListener:
 
     def __init__(
         self,
-        dialer: Dialer,
+        tunneler: Tunneler,
         policy: ReplyPolicy = ReplyPolicy.OPTIMISTIC,
         credentials: tuple[str, str] | None = None,
         handshake_timeout: float = 10.0,
         per_client: int = 256,
     ) -> None:
-        self.dialer, self.policy, self.credentials = dialer, policy, credentials
+        self.tunneler, self.policy, self.credentials = tunneler, policy, credentials
         self.handshake_timeout = handshake_timeout
         self.per_client = per_client
         self._per_client: Counter[str] = Counter()
@@ -58,7 +58,7 @@ class SocksListener:
         """One SOCKS connection, within the per-address limit (one greedy host cannot starve)."""
         host = str(peer[0])
         if self._per_client[host] >= self.per_client:
-            self.dialer.counters["socks-per-client"] += 1
+            self.tunneler.counters["socks-per-client"] += 1
             self._limit_log(
                 "socks %s: %d connections open from this address (--socks-per-client): resetting",
                 host,
@@ -76,14 +76,14 @@ class SocksListener:
 
     async def _handle(self, sock: socket.socket, peer: tuple) -> None:
         loop = asyncio.get_running_loop()
-        cid = self.dialer.next_id()
+        cid = self.tunneler.next_id()
         source = f"socks {format_sockaddr(peer)}"
         hs = socks5.Socks5Handshake(self.credentials)
         try:
             async with asyncio.timeout(self.handshake_timeout):
                 target = await _negotiate(loop, sock, hs)
         except socks5.SocksError as e:
-            self.dialer.counters["socks-refused"] += 1
+            self.tunneler.counters["socks-refused"] += 1
             self._bad_log("%s %s: %s", cid, source, e)
             try:
                 if e.response:
@@ -106,14 +106,14 @@ class SocksListener:
             except OSError:
                 sock.close()
                 return
-            await self.dialer.run(cid, source, sock, target, early)
+            await self.tunneler.run(cid, source, sock, target, early)
             return
 
         async def on_status(status: ConnectStatus) -> bool:
             await loop.sock_sendall(sock, socks5.reply(socks_reply_for(status)))
             return status == ConnectStatus.SUCCEEDED
 
-        await self.dialer.run(
+        await self.tunneler.run(
             cid, source, sock, target, early, on_status=on_status, wait_for_early_data=False
         )
 

@@ -2,7 +2,7 @@
 
 Listeners differ only in where the target comes from (a SOCKS request, the original destination of
 a redirected connection, a fixed forward); each hands an accepted socket, its target and any bytes
-already read to `Dialer.run`.
+already read to `Tunneler.run`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 from mptun.common.address import Address
 from mptun.common.crypto import CipherSpec
+from mptun.common.drive import drive
 from mptun.common.errors import ProtocolError, Status
 from mptun.common.handshake import (
     MAX_EARLY_DATA,
     ClientHandshake,
     ConnectStatus,
-    NeedData,
     Response,
     WireMode,
 )
@@ -64,6 +64,18 @@ class TunnelConfig:
 
 
 @dataclass
+class _Connection:
+    """One accepted connection on its way through `Tunneler.run`: what every step needs."""
+
+    cid: str
+    source: str
+    inner: socket.socket
+    target: Address
+    on_status: StatusHook | None
+    started: float  # time.monotonic() when `run` took it
+
+
+@dataclass
 class LiveTunnel:
     """A tunnel that is relaying: what `mptun status` reports (client/control.py)."""
 
@@ -82,8 +94,14 @@ class TunnelError(Exception):
         self.status = status
 
 
-class Dialer:
-    """Opens tunnels to the server; owns the transport choice and the counters."""
+class Tunneler:
+    """Carries the client's connections through tunnels to the server.
+
+    `run` takes one accepted connection from start to end (connect a tunnel, handshake, relay,
+    log); `open` connects a bare tunnel (also for `--check`). One instance serves every listener
+    and owns what they share: the transport choice (MPTCP or TCP), the counters, the tunnels
+    relaying now (`live`) and the fail-fast state while the server is down.
+    """
 
     def __init__(self, config: TunnelConfig) -> None:
         self.config = config
@@ -175,10 +193,34 @@ class Dialer:
         on_status: StatusHook | None = None,
         wait_for_early_data: bool = True,
     ) -> None:
-        """Tunnel `inner` to `target`. Owns `inner` from here: it is always closed."""
+        """Tunnel `inner` to `target`. Owns `inner` from here: it is always closed.
+
+        Three steps, each of which ends the connection itself when it fails: connect a tunnel
+        while reading the application's first bytes, handshake, relay.
+        """
         loop = asyncio.get_running_loop()
-        started = time.monotonic()
+        conn = _Connection(cid, source, inner, target, on_status, time.monotonic())
         tune_leg(inner)
+        connected = await self._connect(loop, conn, early_data, wait_for_early_data)
+        if connected is None:
+            return
+        tunnel, mptcp, early_data = connected
+        answered = await self._handshake(loop, conn, tunnel, mptcp, early_data)
+        if answered is None:
+            return
+        hs, rest = answered
+        await self._relay(loop, conn, tunnel, hs, rest, len(early_data))
+
+    async def _connect(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: _Connection,
+        early_data: bytes,
+        wait_for_early_data: bool,
+    ) -> tuple[socket.socket, bool | None, bytes] | None:
+        """Connect a tunnel, reading the application's first bytes meanwhile: the tunnel socket,
+        whether it is MPTCP (`open`), and the early data. None when it failed (`inner` is done)."""
+        inner = conn.inner
         connecting = loop.create_task(self.open(loop))
         try:
             if wait_for_early_data and len(early_data) < MAX_EARLY_DATA:
@@ -188,18 +230,34 @@ class Dialer:
             tunnel, mptcp = await connecting
         except TunnelError as e:
             self.counters[e.status.value] += 1
-            self._down_log("%s %s -> %s: %s; resetting", cid, source, target, e)
-            await self._refuse(inner, on_status, ConnectStatus.GENERAL_FAILURE)
-            return
+            self._down_log("%s %s -> %s: %s; resetting", conn.cid, conn.source, conn.target, e)
+            await self._refuse(conn, ConnectStatus.GENERAL_FAILURE)
+            return None
         except OSError as e:
             connecting.cancel()
-            log.info("%s %s: client connection failed: %s", cid, source, e.strerror)
+            log.info("%s %s: client connection failed: %s", conn.cid, conn.source, e.strerror)
             reset(inner)
-            return
+            return None
         except BaseException:
             connecting.cancel()
             reset(inner)
             raise
+        return tunnel, mptcp, early_data
+
+    async def _handshake(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: _Connection,
+        tunnel: socket.socket,
+        mptcp: bool | None,
+        early_data: bytes,
+    ) -> tuple[ClientHandshake, bytes] | None:
+        """Send the first flight, read the server's answer, tell the application (`on_status`).
+
+        Returns the handshake and the early data that did not fit the first flight (still to
+        send, sealed in encrypted mode); None when the connection ended here.
+        """
+        cid, source, target = conn.cid, conn.source, conn.target
         via = {True: "mptcp", False: "tcp-fallback", None: "tcp"}[mptcp]
         hs = ClientHandshake(self.config.psk, self.config.cipher, target, self.config.mode)
         try:
@@ -227,11 +285,11 @@ class Dialer:
             else:
                 self._down_log("%s %s -> %s: tunnel failed: %s", cid, source, target, e)
             tunnel.close()
-            await self._refuse(inner, on_status, ConnectStatus.GENERAL_FAILURE)
-            return
+            await self._refuse(conn, ConnectStatus.GENERAL_FAILURE)
+            return None
         except BaseException:
             reset(tunnel)
-            reset(inner)
+            reset(conn.inner)
             raise
         if response.status == ConnectStatus.MODE_REFUSED:
             self._down_log(
@@ -251,31 +309,47 @@ class Dialer:
                 response.status.name.lower().replace("_", " "),
             )
             tunnel.close()
-            await self._refuse(inner, on_status, response.status)
-            return
-        if on_status is not None and not await on_status(response.status):
+            await self._refuse(conn, response.status)
+            return None
+        if conn.on_status is not None and not await conn.on_status(response.status):
             tunnel.close()
-            reset(inner)
-            return
+            reset(conn.inner)
+            return None
         log.info(
             "%s %s %s -> %s: connected in %.0f ms",
             cid,
             source,
             via,
             target,
-            (time.monotonic() - started) * 1000,
+            (time.monotonic() - conn.started) * 1000,
         )
+        return hs, rest
+
+    async def _relay(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: _Connection,
+        tunnel: socket.socket,
+        hs: ClientHandshake,
+        rest: bytes,
+        early_bytes: int,
+    ) -> None:
+        """Relay until either end closes, listed in `live` meanwhile; count and log the end.
+
+        `early_bytes` (all the early data, in the first flight or after it) count as sent up.
+        """
+        cid, target = conn.cid, conn.target
         session: Session | None = PLAIN
         if self.config.mode == WireMode.ENCRYPTED:
             session = await self._encrypted_session(loop, tunnel, hs, rest)
         if session is None:
             reset(tunnel)
-            reset(inner)
+            reset(conn.inner)
             return
-        self.live[cid] = LiveTunnel(cid, source, target, tunnel, time.monotonic())
+        self.live[cid] = LiveTunnel(cid, conn.source, target, tunnel, time.monotonic())
         try:
             stats = await self.config.engine.relay(
-                loop, inner, tunnel, idle_timeout=self.config.idle_timeout, session=session
+                loop, conn.inner, tunnel, idle_timeout=self.config.idle_timeout, session=session
             )
         finally:
             self.live.pop(cid, None)
@@ -287,7 +361,7 @@ class Dialer:
             cid,
             target,
             stats.seconds,
-            human_bytes(stats.to_tunnel + len(early_data)),
+            human_bytes(stats.to_tunnel + early_bytes),
             human_bytes(stats.from_tunnel),
             stats.engine,
             "clean" if stats.clean else f"reset ({stats.error})",
@@ -320,28 +394,22 @@ class Dialer:
     async def _read_response(
         self, loop: asyncio.AbstractEventLoop, tunnel: socket.socket, hs: ClientHandshake
     ) -> Response:
-        async with asyncio.timeout(self.config.handshake_timeout):
-            while True:
-                event = hs.next_event()
-                if not isinstance(event, NeedData):
-                    return event
-                data = await loop.sock_recv(tunnel, hs.bytes_needed())
-                if not data:
-                    raise TunnelError("server closed the tunnel during the handshake", Status.AUTH)
-                hs.receive_data(data)
+        deadline = loop.time() + self.config.handshake_timeout
+        response = await drive(loop, tunnel, hs, deadline)
+        if response is None:
+            raise TunnelError("server closed the tunnel during the handshake", Status.AUTH)
+        return response
 
-    async def _refuse(
-        self, inner: socket.socket, on_status: StatusHook | None, status: ConnectStatus
-    ) -> None:
+    async def _refuse(self, conn: _Connection, status: ConnectStatus) -> None:
         """Tell the application it failed: a SOCKS reply if it waits for one, else a reset."""
-        if on_status is not None:
+        if conn.on_status is not None:
             try:
-                await on_status(status)
+                await conn.on_status(status)
             except OSError:
                 pass
-            inner.close()
+            conn.inner.close()
         else:
-            reset(inner)
+            reset(conn.inner)
 
 
 async def _read_early(

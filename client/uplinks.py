@@ -27,7 +27,8 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from mptun.common.address import IPAddress
+from mptun.common.sockets import family_of
 
 # Not in iproute2's rt_protos; `echo "247 mptun" > /etc/iproute2/rt_protos.d/mptun.conf` names it.
 MPTUN_PROTO = 247
@@ -50,10 +51,6 @@ FLAG_NAMES = {
     FLAG_FULLMESH: "fullmesh",
     FLAG_IMPLICIT: "implicit",
 }
-
-
-def family_of(ip: IPAddress) -> int:
-    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 
 def fam(family: int) -> str:

@@ -1,13 +1,17 @@
 """`mptun uplinks --watch`: keep uplinks configured while links go down and come back.
 
-Kernel behaviour this answers (measured here, kernel 6.18; FACTS.md): `ip link set X down`
-deletes X's routes, also in mptun's table, and `up` does not restore them; IPv6 addresses go with
-the link (net.ipv6.conf.*.keep_addr_on_down=0); the in-kernel path manager never reopens a
-subflow it lost. So on every link, address or route event the watcher re-plans: while a link is
-down its endpoint is removed (the kernel then closes the subflows from it and tells the peer, so
-data in flight moves to the other subflows); when it is back the table route is restored and the
-endpoint added again, which makes the kernel open a subflow from it for every open connection
-(net/mptcp/pm_kernel.c: a new `subflow` endpoint is offered to existing connections).
+Kernel behaviour this answers (measured on kernel 6.18; docs/MULTIPATH.md, "Links going down and
+coming back", names the kernel functions): `ip link set X down` deletes X's routes, also in
+mptun's table, and `up` does not restore them (net/ipv4/fib_frontend.c, fib_disable_ip); IPv6
+addresses go with the link (net.ipv6.conf.*.keep_addr_on_down=0); the in-kernel path manager
+never reopens a subflow it lost (net/mptcp/pm_kernel.c: a used endpoint stays cleared in the
+connection's id_avail_bitmap until the endpoint is deleted). So on every link, address or route
+event the watcher re-plans: while a link is down its endpoint is removed (the kernel then closes
+the subflows from it and tells the peer, so data in flight moves to the other subflows); when it
+is back the table route is restored and the endpoint added again, which makes the kernel open a
+subflow from it for every open connection (net/mptcp/pm_kernel.c,
+mptcp_nl_add_subflow_or_signal_addr: a new `subflow` endpoint is offered to existing
+connections).
 """
 
 from __future__ import annotations

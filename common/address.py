@@ -1,4 +1,5 @@
-"""Target addresses: the SOCKS5 ATYP wire form (RFC 1928 section 5) and `HOST:PORT` strings.
+"""Target addresses: the SOCKS5 ATYP wire form (RFC 1928 section 5) and `HOST:PORT` strings;
+the IP address and network types both ends share, and the parser of CIDR lists.
 
 The tunnel carries targets in exactly the form a SOCKS5 request does, so the client can copy a
 SOCKS request's address into the tunnel header without interpreting it.
@@ -7,15 +8,34 @@ SOCKS request's address into the tunnel header without interpreting it.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mptun.common.errors import ProtocolError, Status, UsageError
+from mptun.common.errors import ConfigError, ProtocolError, Status, UsageError
 
 ATYP_IPV4 = 0x01
 ATYP_DOMAIN = 0x03
 ATYP_IPV6 = 0x04
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(
+    values: Iterable[str], what: str, expected: str = "an address or CIDR"
+) -> list[IPNetwork]:
+    """Addresses and CIDRs as networks (host bits ignored, an address is its /32 or /128).
+
+    The first value that is neither raises `ConfigError("{what}: not {expected}: 'value'")`:
+    `what` names the option, `expected` what it takes.
+    """
+    out = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_network(v.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{what}: not {expected}: {v!r}") from None
+    return out
 
 
 @dataclass(frozen=True, slots=True)

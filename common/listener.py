@@ -110,11 +110,20 @@ class AcceptLoop:
 
     async def drain(self, timeout: float) -> int:
         """Wait up to `timeout` for open connections to end, then cancel the rest; how many."""
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=timeout)
-        left = list(self.tasks)
-        for t in left:
-            t.cancel()
-        if left:
-            await asyncio.gather(*left, return_exceptions=True)
-        return len(left)
+        return await drain_tasks(self.tasks, timeout)
+
+
+async def drain_tasks(tasks: set[asyncio.Task], timeout: float) -> int:
+    """Wait up to `timeout` for `tasks` to end, then cancel the rest and wait until they have
+    (their cleanup runs before the loop closes); how many were cancelled.
+
+    `tasks` is live: each task removes itself when done (`add_done_callback(tasks.discard)`).
+    """
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=timeout)
+    left = list(tasks)
+    for t in left:
+        t.cancel()
+    if left:
+        await asyncio.gather(*left, return_exceptions=True)
+    return len(left)

@@ -28,7 +28,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from mptun.common.address import Address
+from mptun.common.address import Address, IPAddress
 
 IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
 SOL_MPTCP = 284
@@ -75,7 +75,8 @@ class Transport:
         return s, False
 
 
-def family_of(host: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+def family_of(host: str | IPAddress) -> int:
+    """AF_INET or AF_INET6 for an address (or its text)."""
     ip = ipaddress.ip_address(host) if isinstance(host, str) else host
     return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
@@ -197,12 +198,10 @@ def listen_socket(
     return sock, mptcp
 
 
-async def resolve(
-    loop: asyncio.AbstractEventLoop, host: str, port: int
-) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+async def resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[IPAddress]:
     """Resolve a name to its addresses (in the resolver's order, duplicates removed)."""
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    out: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    out: list[IPAddress] = []
     for family, _, _, _, sa in infos:
         if family not in (socket.AF_INET, socket.AF_INET6):
             continue
@@ -212,7 +211,7 @@ async def resolve(
     return out
 
 
-def is_local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def is_local_address(ip: IPAddress) -> bool:
     """True if `ip` is one of this host's addresses, asked of the routing table.
 
     A UDP connect() does a route lookup without sending anything; for an address of this host it
@@ -240,9 +239,7 @@ def set_transparent(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
 
 
-def unmapped(
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
-) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def unmapped(ip: IPAddress) -> IPAddress:
     """An IPv4-mapped IPv6 address (what a dual-stack socket reports) as plain IPv4."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped

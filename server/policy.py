@@ -14,11 +14,8 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from mptun.common.errors import ConfigError
+from mptun.common.address import IPAddress, IPNetwork, parse_networks
 from mptun.common.sockets import is_local_address
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
@@ -58,13 +55,8 @@ def _forbidden(ip: IPAddress) -> str | None:
 
 
 def parse_cidrs(values: Iterable[str]) -> list[IPNetwork]:
-    out = []
-    for v in values:
-        try:
-            out.append(ipaddress.ip_network(v.strip(), strict=False))
-        except ValueError:
-            raise ConfigError(f"allow-target: not a CIDR: {v!r}") from None
-    return out
+    """`--allow-target` ranges (common/address.py's parser, in this option's words)."""
+    return parse_networks(values, "allow-target", "a CIDR")
 
 
 @dataclass

@@ -14,14 +14,9 @@ from pathlib import Path
 
 from mptun.common.address import Address, format_sockaddr
 from mptun.common.crypto import CipherSpec
+from mptun.common.drive import drive
 from mptun.common.errors import ConfigError, ProtocolError, Status
-from mptun.common.handshake import (
-    ConnectStatus,
-    NeedData,
-    Request,
-    ServerHandshake,
-    WireMode,
-)
+from mptun.common.handshake import ConnectStatus, Request, ServerHandshake, WireMode
 from mptun.common.limits import fit_connections
 from mptun.common.listener import AcceptLoop
 from mptun.common.logutil import BurstLog, human_bytes
@@ -213,7 +208,7 @@ class Server:
         deadline = loop.time() + self.config.handshake_timeout
         hs = ServerHandshake(self.config.psk, self.config.cipher, self.replay)
         try:
-            request = await self._read_request(loop, sock, hs, deadline)
+            request = await drive(loop, sock, hs, deadline)
         except ProtocolError as e:
             self._count(e.status)
             self._fail_log("%s from %s: %s (%s); absorbing", cid, peer, e, e.status.value)
@@ -239,24 +234,6 @@ class Server:
 
     def _count(self, status: Status) -> None:
         self.counters[status.value] += 1
-
-    async def _read_request(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        hs: ServerHandshake,
-        deadline: float,
-    ) -> Request | None:
-        async with asyncio.timeout_at(deadline):
-            while True:
-                event = hs.next_event()
-                if not isinstance(event, NeedData):
-                    return event
-                # Read exactly what the handshake needs: what follows stays in the kernel.
-                data = await loop.sock_recv(sock, hs.bytes_needed())
-                if not data:
-                    return None
-                hs.receive_data(data)
 
     async def _absorb(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, deadline: float

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
+import socket
 
 import pytest
 
 from mptun.common.address import Address
 from mptun.common.crypto import CIPHERS
+from mptun.common.drive import drive
 from mptun.common.errors import ProtocolError, Status
 from mptun.common.handshake import (
     NEED_DATA,
@@ -246,3 +249,36 @@ def test_replay_guard_refuses_when_full_and_expires_after_twice_the_window():
     assert e.value.status is Status.REPLAY
     g.accept(b"c", NOW + 21, NOW + 21)  # a and b expired (kept up to and including NOW + 20)
     assert len(g) == 1
+
+
+def test_drive_reads_exactly_the_handshake_and_names_eof_and_deadline():
+    """The socket driver both ends use: bytes after the handshake stay in the kernel."""
+    c, s = make_pair()
+    flight = c.first_flight(b"early")
+
+    async def run(sent: bytes):
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        with a, b:
+            b.sendall(sent)
+            if len(sent) < len(flight):
+                b.shutdown(socket.SHUT_WR)  # EOF before a whole request
+            machine = ServerHandshake(PSK, CIPHERS["aes-256-gcm"], ReplayGuard(), clock=lambda: NOW)
+            return await drive(loop, a, machine, loop.time() + 5), a.recv(100)
+
+    request, after = asyncio.run(run(flight + b"bulk bytes"))
+    assert isinstance(request, Request) and request.early_data == b"early"
+    assert after == b"bulk bytes"
+    assert asyncio.run(run(flight[:40]))[0] is None
+
+    async def silent():
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        with a, b:
+            await drive(loop, a, s, loop.time() + 0.05)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(silent())

@@ -1,0 +1,49 @@
+"""Drive a sans-I/O protocol machine from a socket: the one read loop both ends share.
+
+The machines (`common/handshake.py`) take bytes with `receive_data()`, say how many more they need
+with `bytes_needed()` and hand out events with `next_event()`, `NeedData` until one is complete.
+`drive` reads exactly `bytes_needed()` at a time, so the bytes that follow the handshake stay in the
+kernel socket (for splice, and for kTLS to take over). What an end of file or a deadline means is
+the caller's to say: the client, its `--check` and the server each name them in their own words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Protocol, TypeVar
+
+from mptun.common.handshake import NeedData
+
+Event = TypeVar("Event", covariant=True)
+
+
+class Machine(Protocol[Event]):
+    """What `drive` needs of a protocol machine (both handshakes have it)."""
+
+    def next_event(self) -> NeedData | Event: ...
+
+    def bytes_needed(self) -> int: ...
+
+    def receive_data(self, data: bytes) -> None: ...
+
+
+async def drive(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    machine: Machine[Event],
+    deadline: float,
+) -> Event | None:
+    """Feed `machine` from `sock` until its first event other than `NeedData`, and return it.
+
+    None when the peer closes first. `deadline` is in `loop.time()`; reaching it raises
+    TimeoutError. The machine's `ProtocolError`s and the socket's `OSError`s pass through.
+    """
+    async with asyncio.timeout_at(deadline):
+        while isinstance(event := machine.next_event(), NeedData):
+            # Read exactly what the machine needs: what follows stays in the kernel.
+            data = await loop.sock_recv(sock, machine.bytes_needed())
+            if not data:
+                return None
+            machine.receive_data(data)
+        return event

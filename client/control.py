@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mptun.client.tunnel import Dialer
+from mptun.client.tunnel import Tunneler
 from mptun.common.errors import ConfigError, MptunError
 from mptun.common.mptcpinfo import connection_info
 
@@ -45,11 +45,11 @@ def _bind_address(name: str) -> str:
     return "\0" + name[1:] if name.startswith("@") else name
 
 
-def tunnels_snapshot(dialer: Dialer) -> list[dict]:
+def tunnels_snapshot(tunneler: Tunneler) -> list[dict]:
     """Every relaying tunnel with what the kernel says about its subflows."""
     now = time.monotonic()
     out = []
-    for t in list(dialer.live.values()):
+    for t in list(tunneler.live.values()):
         try:
             info = connection_info(t.sock).to_dict()
         except (OSError, ValueError) as e:  # closed under us, or an unexpected kernel answer
@@ -212,33 +212,6 @@ def check_control_name(value: str) -> str | None:
     if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
         return "exists and is not a socket"
     return None
-
-
-def control_option(f: Callable) -> Callable:
-    """`--control` for `mptun client` (and `mptun status`, which asks there)."""
-    import click
-
-    from mptun.options import env
-
-    class ControlName(click.ParamType):
-        name = "control"
-
-        def convert(self, value, param, ctx) -> str:
-            why = check_control_name(str(value))
-            if why is not None:
-                self.fail(f"{value!r}: {why}", param, ctx)
-            return str(value)
-
-    return click.option(
-        "--control",
-        type=ControlName(),
-        default="auto",
-        show_default=True,
-        envvar=env("control"),
-        metavar="auto|@NAME|PATH|none",
-        help="Control socket `mptun status` reads: auto = @mptun/client/PID (abstract, per "
-        "network namespace); @NAME abstract; a file path; none.",
-    )(f)
 
 
 def wrap_service(

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
+from mptun.client import socks5
 from mptun.common import address as addr_codec
-from mptun.common import dns, records, socks5
+from mptun.common import dns, records
 from mptun.common.crypto import CIPHERS, KEY_LEN, nonce
 from mptun.common.errors import ProtocolError
 from mptun.common.handshake import (

@@ -1,4 +1,5 @@
-"""The `mptun` command: a thin click layer over the client, the server and the tools.
+"""The `mptun` command: a thin click layer over the client, the server and the tools
+(the commands are in mptun/commands/, imported when used).
 
 Errors reach the user as one line on stderr and a non-zero exit status, never a traceback:
 2 for bad usage or configuration, 1 for anything else.
@@ -15,21 +16,21 @@ from pathlib import Path
 import click
 
 from mptun import __version__
+from mptun.commands.options import OutputFile, option
 from mptun.common.crypto import generate_key
 from mptun.common.errors import MptunError
-from mptun.options import OutputFile, env
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 # Commands imported when used: `mptun uci` in an OpenWrt init script should not pay for the
 # bench and the client (importing everything took ~0.4 s here, a router's CPU is far slower).
 LAZY_COMMANDS = {
-    "server": "mptun.server.cli:server",
-    "client": "mptun.client.cli:client",
-    "uci": "mptun.uci_cli:uci_command",
-    "nft": "mptun.client.nftcli:nft",
+    "server": "mptun.commands.server:server",
+    "client": "mptun.commands.client:client",
+    "uci": "mptun.commands.uci:uci_command",
+    "nft": "mptun.commands.nft:nft",
     "bench": "mptun.bench.cli:bench",
-    "uplinks": "mptun.client.uplinks_cli:uplinks",
-    "status": "mptun.client.uplinks_cli:status",
+    "uplinks": "mptun.commands.uplinks:uplinks",
+    "status": "mptun.commands.status:status",
     "demo": "mptun.demo:demo",
 }
 
@@ -54,12 +55,10 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mptun")
-@click.option(
-    "--log-level",
+@option(
+    "log-level",
     type=click.Choice(LOG_LEVELS),
     default="info",
-    show_default=True,
-    envvar=env("log-level"),
     help="Least severe messages to log (to stderr).",
 )
 def cli(log_level: str) -> None:
@@ -72,11 +71,11 @@ def cli(log_level: str) -> None:
 
 
 @cli.command()
-@click.option(
+@option(
+    "output",
     "-o",
     "--output",
     type=OutputFile(),
-    envvar=env("output"),
     help="Write the key to this file (created mode 600, never overwritten) instead of stdout.",
 )
 def genkey(output: str | None) -> None:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import click
 
+from mptun.commands.options import Number, env
 from mptun.lab.netns import have_mptcp
 from mptun.lab.rig import SERVER_PORT, Rig, mptun_argv
 from mptun.lab.testbed import SERVER_V4, Testbed, diagram
-from mptun.options import Number, env
 
 NOT_ROOT = """\
 mptun demo builds a small network inside this machine: four network namespaces, three virtual

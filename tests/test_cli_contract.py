@@ -19,7 +19,7 @@ import click
 import pytest
 
 from mptun.cli import cli
-from mptun.options import ENV_PREFIX, HostPort, OutputFile, Text, env
+from mptun.commands.options import ENV_PREFIX, HostPort, OutputFile, Text, env
 
 CMDS = cli.all_commands()  # every command, imported
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,8 +33,8 @@ import click
 import pytest
 
 from mptun.cli import cli
+from mptun.commands.options import HostPort, OutputFile, Text, env
 from mptun.common.crypto import generate_key
-from mptun.options import HostPort, OutputFile, Text, env
 from tests.cli_zygote import Zygote
 from tests.helpers import free_port
 

@@ -10,9 +10,9 @@ import click
 import pytest
 
 from mptun import uci
-from mptun.client.cli import client
+from mptun.commands.client import client
+from mptun.commands.options import uci_defaults
 from mptun.common.errors import ConfigError
-from mptun.options import uci_defaults
 from tests.helpers import ROOT
 
 # Shapes taken from stock OpenWrt files (/etc/config/network, firewall, dhcp): tabs, both

@@ -16,8 +16,8 @@ from mptun.bench import report
 from mptun.bench.cases import all_cases
 from mptun.bench.env import BenchError, open_environment
 from mptun.bench.runner import Progress, Runner, Settings
+from mptun.commands.options import Number, OutputFile, env
 from mptun.common.errors import ConfigError, MptunError
-from mptun.options import Number, OutputFile, env
 
 
 @click.command()

@@ -18,7 +18,7 @@ import os
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -26,6 +26,9 @@ from mptun import uci
 from mptun.common.address import Address
 from mptun.common.crypto import CIPHERS, DEFAULT_CIPHER, decode_key, load_key_file
 from mptun.common.errors import ConfigError, MptunError
+
+if TYPE_CHECKING:
+    from mptun.common.relay import RelaySettings
 
 ENV_PREFIX = "MPTUN_"
 # Keys a UCI section may carry for the init script and the hotplug hook, not for the command.
@@ -39,6 +42,16 @@ MAX_CONNECTIONS = 1_000_000  # no process holds more fds (the kernel's default f
 def env(name: str) -> str:
     """The environment variable for a long option: --key-file -> MPTUN_KEY_FILE."""
     return ENV_PREFIX + name.upper().replace("-", "_")
+
+
+def option(name: str, *decls: str, **attrs: Any) -> Callable[[Callable], Callable]:
+    """The long option `--NAME` (or `decls`, e.g. `-o --output`), also set by MPTUN_NAME.
+
+    A default shows in --help (a flag's does not: `--check` is off unless given).
+    """
+    if "default" in attrs and not attrs.get("is_flag"):
+        attrs.setdefault("show_default", True)
+    return click.option(*(decls or [f"--{name}"]), envvar=env(name), **attrs)
 
 
 class Number(click.FloatRange):
@@ -315,10 +328,9 @@ def _load_uci(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 def config_option(f: Callable) -> Callable:
-    return click.option(
-        "--config",
+    return option(
+        "config",
         type=click.Path(dir_okay=False),
-        envvar=env("config"),
         is_eager=True,
         expose_value=False,
         callback=_load_config,
@@ -327,10 +339,9 @@ def config_option(f: Callable) -> Callable:
 
 
 def uci_option(f: Callable) -> Callable:
-    return click.option(
-        "--uci",
+    return option(
+        "uci",
         type=click.Path(dir_okay=False),
-        envvar=env("uci"),
         is_eager=True,
         expose_value=False,
         callback=_load_uci,
@@ -340,56 +351,47 @@ def uci_option(f: Callable) -> Callable:
 
 
 def key_options(f: Callable) -> Callable:
-    return click.option(
-        "--key-file",
+    return option(
+        "key-file",
         type=click.Path(dir_okay=False),
-        envvar=env("key-file"),
         help="File holding the pre-shared key (one base64 line, from `mptun genkey`). "
         "The environment variable MPTUN_KEY may hold the key itself instead.",
     )(f)
 
 
 def cipher_option(f: Callable) -> Callable:
-    return click.option(
-        "--cipher",
+    return option(
+        "cipher",
         type=click.Choice(list(CIPHERS)),
         default=DEFAULT_CIPHER,
-        show_default=True,
-        envvar=env("cipher"),
         help="AEAD of the handshake (and of encrypted bulk data). Both ends must agree.",
     )(f)
 
 
 def transport_option(f: Callable) -> Callable:
-    return click.option(
-        "--transport",
+    return option(
+        "transport",
         type=click.Choice(["mptcp", "tcp"]),
         default="mptcp",
-        show_default=True,
-        envvar=env("transport"),
         help="Tunnel protocol. mptcp falls back to TCP (with a warning) where the kernel refuses.",
     )(f)
 
 
 def relay_option(f: Callable) -> Callable:
-    return click.option(
-        "--relay",
+    return option(
+        "relay",
         type=click.Choice(["auto", "splice", "copy"]),
         default="auto",
-        show_default=True,
-        envvar=env("relay"),
         help="Relay engine: splice keeps bytes in the kernel; copy goes through user space; "
         "auto = splice where the kernel can.",
     )(f)
 
 
 def bulk_option(f: Callable) -> Callable:
-    return click.option(
-        "--bulk",
+    return option(
+        "bulk",
         type=click.Choice(["auto", "aead", "ktls", "plain"]),
         default="auto",
-        show_default=True,
-        envvar=env("bulk"),
         help="Bulk data after the handshake. auto: encrypted (TLS 1.3 records), sealed by kTLS "
         "where the tunnel socket takes it, else in user space (aead); aead/ktls force one; "
         "plain: unencrypted (a client asks for it; a server then also accepts it).",
@@ -397,12 +399,10 @@ def bulk_option(f: Callable) -> Callable:
 
 
 def coalesce_option(f: Callable) -> Callable:
-    return click.option(
-        "--coalesce-ms",
+    return option(
+        "coalesce-ms",
         type=Number(min=0, max=100),
         default=8.0,
-        show_default=True,
-        envvar=env("coalesce-ms"),
         help="While a connection streams, let bytes wait up to this long (a one-way "
         "download or upload: up to 1% of how long it has run, at most 4x this) so the relay "
         "wakes once per batch instead of once per burst (less CPU at WiFi rates); "
@@ -410,14 +410,35 @@ def coalesce_option(f: Callable) -> Callable:
     )(f)
 
 
+def relay_settings(params: dict[str, Any]) -> RelaySettings:
+    """The settings of --transport, --relay, --bulk and --coalesce-ms."""
+    # Here, not at the top: `mptun uci` and `mptun nft` need not import the relay engines.
+    from mptun.common.relay import RelaySettings
+
+    return RelaySettings(
+        transport=params["transport"],
+        engine=params["relay"],
+        bulk=params["bulk"],
+        coalesce_delay=params["coalesce_ms"] / 1000,
+    )
+
+
 def timeout_option(name: str, default: float, what: str) -> Callable[[Callable], Callable]:
-    return click.option(
-        f"--{name}",
-        type=seconds(min=0.1),
-        default=default,
-        show_default=True,
-        envvar=env(name),
-        help=what,
+    return option(name, type=seconds(min=0.1), default=default, help=what)
+
+
+def idle_timeout_option(f: Callable) -> Callable:
+    return option(
+        "idle-timeout",
+        type=seconds(),
+        default=0,
+        help="Reset a relayed connection after this many seconds without traffic (0: never).",
+    )(f)
+
+
+def max_connections_option(what: str) -> Callable[[Callable], Callable]:
+    return option(
+        "max-connections", type=click.IntRange(1, MAX_CONNECTIONS), default=4096, help=what
     )
 
 
@@ -452,9 +473,35 @@ class ReloadableCommand(click.Command):
 
 
 def stats_option(f: Callable) -> Callable:
-    return click.option(
-        "--stats-file",
+    return option(
+        "stats-file",
         type=OutputFile(),
-        envvar=env("stats-file"),
         help="Write the counters here as JSON on SIGUSR1 and at exit (they are logged too).",
+    )(f)
+
+
+class ControlName(click.ParamType):
+    """Where a client's control socket is: auto, @NAME (abstract), a file path, or none."""
+
+    name = "control"
+
+    def convert(self, value: Any, param, ctx) -> str:
+        # Here, not at the top: the commands that do not take --control skip the client's imports.
+        from mptun.client.control import check_control_name
+
+        why = check_control_name(str(value))
+        if why is not None:
+            self.fail(f"{value!r}: {why}", param, ctx)
+        return str(value)
+
+
+def control_option(f: Callable) -> Callable:
+    """`--control` for `mptun client` (and `mptun status`, which asks there)."""
+    return option(
+        "control",
+        type=ControlName(),
+        default="auto",
+        metavar="auto|@NAME|PATH|none",
+        help="Control socket `mptun status` reads: auto = @mptun/client/PID (abstract, per "
+        "network namespace); @NAME abstract; a file path; none.",
     )(f)

@@ -1,20 +1,12 @@
-"""`mptun server`: options -> ServerConfig -> run."""
+"""`mptun server`: options -> ServerSettings -> Server -> run (and on SIGHUP, reload)."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import click
 
-from mptun.common import runtime
-from mptun.common.crypto import cipher_by_name
-from mptun.common.errors import MptunError
-from mptun.common.relay import Coalescing, choose_bulk, choose_engine
-from mptun.common.replay import DEFAULT_CAPACITY, DEFAULT_WINDOW
-from mptun.common.stats import StatsDump
-from mptun.options import (
-    MAX_CONNECTIONS,
+from mptun.commands.options import (
     HostPort,
     OutputFile,
     ReloadableCommand,
@@ -22,17 +14,24 @@ from mptun.options import (
     cipher_option,
     coalesce_option,
     config_option,
-    env,
+    idle_timeout_option,
     key_options,
+    max_connections_option,
+    option,
     relay_option,
+    relay_settings,
     resolve_key,
     seconds,
     stats_option,
     timeout_option,
     transport_option,
 )
-from mptun.server.policy import TargetPolicy, parse_cidrs
-from mptun.server.service import Server, ServerConfig
+from mptun.common import runtime
+from mptun.common.errors import MptunError
+from mptun.common.replay import DEFAULT_CAPACITY, DEFAULT_WINDOW
+from mptun.common.stats import StatsDump
+from mptun.server.app import ServerSettings, server_config
+from mptun.server.service import Server
 
 log = logging.getLogger("mptun.server")
 # ~200 bytes a salt (common/replay.py): 10 million is ~2 GB, more than a VPS should give it.
@@ -41,26 +40,23 @@ MAX_REPLAY_CAPACITY = 10_000_000
 
 @click.command(cls=ReloadableCommand)
 @config_option
-@click.option(
-    "--listen",
+@option(
+    "listen",
     type=HostPort(ip_only=True),
     required=True,
-    envvar=env("listen"),
     help="Address to accept tunnels on, e.g. 0.0.0.0:8443 or [::]:8443 (both families).",
 )
 @key_options
 @cipher_option
-@click.option(
-    "--allow-target",
+@option(
+    "allow-target",
     multiple=True,
-    envvar=env("allow-target"),
     help="CIDR the server may connect to even though the default policy refuses it (repeatable).",
 )
-@click.option(
-    "--allow-private",
+@option(
+    "allow-private",
     is_flag=True,
     default=False,
-    envvar=env("allow-private"),
     help="Allow every target: loopback, private, link-local, the server's own addresses.",
 )
 @transport_option
@@ -69,42 +65,23 @@ MAX_REPLAY_CAPACITY = 10_000_000
 @coalesce_option
 @timeout_option("handshake-timeout", 10.0, "Seconds from accept to a complete first flight.")
 @timeout_option("connect-timeout", 10.0, "Seconds to resolve and connect to a target.")
-@click.option(
-    "--idle-timeout",
-    type=seconds(),
-    default=0,
-    show_default=True,
-    envvar=env("idle-timeout"),
-    help="Reset a relayed connection after this many seconds without traffic (0: never).",
-)
-@click.option(
-    "--max-connections",
-    type=click.IntRange(1, MAX_CONNECTIONS),
-    default=4096,
-    show_default=True,
-    envvar=env("max-connections"),
-    help="Concurrent connections; at the limit the server stops accepting.",
-)
-@click.option(
-    "--replay-window",
+@idle_timeout_option
+@max_connections_option("Concurrent connections; at the limit the server stops accepting.")
+@option(
+    "replay-window",
     type=seconds(min=1),
     default=DEFAULT_WINDOW,
-    show_default=True,
-    envvar=env("replay-window"),
     help="Seconds a client's clock may differ from the server's.",
 )
-@click.option(
-    "--replay-capacity",
+@option(
+    "replay-capacity",
     type=click.IntRange(1, MAX_REPLAY_CAPACITY),
     default=DEFAULT_CAPACITY,
-    show_default=True,
-    envvar=env("replay-capacity"),
     help="Salts the replay cache holds (~200 bytes each); when full, new tunnels are refused.",
 )
-@click.option(
-    "--replay-file",
+@option(
+    "replay-file",
     type=OutputFile(),
-    envvar=env("replay-file"),
     help="Save the replay cache here on stop and restore it on start (survives restarts).",
 )
 @stats_option
@@ -112,44 +89,40 @@ MAX_REPLAY_CAPACITY = 10_000_000
 @click.pass_context
 def server(ctx: click.Context, **_: object) -> None:
     """Run the tunnel server (the VPS end). SIGHUP reloads config and key; SIGUSR1 dumps stats."""
-    srv = Server(build_config(ctx))
+    settings = server_settings(ctx)
+    srv = Server(server_config(settings))
 
     def reload() -> None:
         try:
             with ctx.command.reparse(ctx) as new:  # type: ignore[attr-defined]
-                config = build_config(new)
+                config = server_config(server_settings(new))
         except (MptunError, click.ClickException) as e:
             msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
             log.error("reload failed, keeping the running configuration: %s", msg)
             return
         srv.reload(config)
 
-    dump = StatsDump(ctx.params["stats_file"], srv.snapshot)
-    runtime.run(srv.start, srv.stop, ctx.params["drain_timeout"], reload=reload, dump=dump)
+    dump = StatsDump(settings.stats_file, srv.snapshot)
+    runtime.run(srv.start, srv.stop, settings.drain_timeout, reload=reload, dump=dump)
 
 
-def build_config(ctx: click.Context) -> ServerConfig:
-    """The server's configuration from a parsed context (at start and on SIGHUP)."""
+def server_settings(ctx: click.Context) -> ServerSettings:
+    """The settings of a parsed context (at start and on SIGHUP); reads the key."""
     p = ctx.params
-    coalescing = Coalescing(delay=p["coalesce_ms"] / 1000)
-    return ServerConfig(
+    return ServerSettings(
         listen=p["listen"],
         psk=resolve_key(ctx, p["key_file"]),
-        cipher=cipher_by_name(p["cipher"]),
-        engine=choose_bulk(
-            p["bulk"],
-            choose_engine(p["relay"], coalescing),
-            mptcp=p["transport"] == "mptcp",
-            coalescing=coalescing,
-        ),
-        accept_plain=p["bulk"] == "plain",
-        policy=TargetPolicy(allow=parse_cidrs(p["allow_target"]), allow_private=p["allow_private"]),
-        mptcp=p["transport"] == "mptcp",
+        cipher=p["cipher"],
+        allow_target=tuple(p["allow_target"]),
+        allow_private=p["allow_private"],
+        relay=relay_settings(p),
         handshake_timeout=p["handshake_timeout"],
         connect_timeout=p["connect_timeout"],
         idle_timeout=p["idle_timeout"] or None,
+        max_connections=p["max_connections"],
         replay_window=p["replay_window"],
         replay_capacity=p["replay_capacity"],
-        replay_file=Path(p["replay_file"]) if p["replay_file"] else None,
-        max_connections=p["max_connections"],
+        replay_file=p["replay_file"],
+        stats_file=p["stats_file"],
+        drain_timeout=p["drain_timeout"],
     )

@@ -9,8 +9,8 @@ from __future__ import annotations
 import click
 
 from mptun import uci
+from mptun.commands.options import UCI_SERVICE_KEYS, uci_defaults
 from mptun.common.errors import ConfigError
-from mptun.options import UCI_SERVICE_KEYS, uci_defaults
 
 # Section types that are not a command: one `config uplink` per uplink interface.
 UPLINK_TYPE = "uplink"

@@ -1,12 +1,9 @@
-"""`mptun uplinks` (configure, show, clear or watch the router's uplinks) and `mptun status`."""
+"""`mptun uplinks`: configure, show, clear or watch the router's uplinks."""
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from mptun.client.control import control_option
 from mptun.client.uplinks import (
     DEFAULT_RULE_PRIORITY,
     DEFAULT_SUBFLOWS,
@@ -17,74 +14,56 @@ from mptun.client.uplinks import (
     parse_gateways,
     plan,
 )
+from mptun.commands.options import config_option, option, uci_option
 from mptun.common.errors import ConfigError, MptunError
-from mptun.options import config_option, env, uci_option
 
 
 @click.command()
 @config_option
 @uci_option
 @click.argument("ifaces", nargs=-1, metavar="[IFACE]...")
-@click.option(
-    "--table-base",
+@option(
+    "table-base",
     type=click.IntRange(1, 0xFFFFFF00),
     default=DEFAULT_TABLE_BASE,
-    show_default=True,
-    envvar=env("table-base"),
     help="First routing table mptun may use for an uplink (one table per uplink).",
 )
-@click.option(
-    "--rule-priority",
+@option(
+    "rule-priority",
     type=click.IntRange(1, 32764),
     default=DEFAULT_RULE_PRIORITY,
-    show_default=True,
-    envvar=env("rule-priority"),
     help="Priority of mptun's rules (N: LAN routes first, N+1: the uplink's table). "
     "Keep it below mwan3's (1000-3000: use e.g. 900) and the main table (32766).",
 )
-@click.option(
-    "--subflows",
+@option(
+    "subflows",
     type=click.IntRange(0, 8),
     default=DEFAULT_SUBFLOWS,
-    show_default=True,
-    envvar=env("subflows"),
     help="MPTCP limits: extra subflows per connection and ADD_ADDRs accepted (kernel max 8).",
 )
-@click.option(
-    "--gateway",
+@option(
+    "gateway",
     multiple=True,
-    envvar=env("gateway"),
     metavar="IFACE=ADDRESS",
     help="The uplink's gateway when no default route through it shows it (repeatable, one "
     "per family).",
 )
-@click.option(
-    "--backup",
+@option(
+    "backup",
     multiple=True,
-    envvar=env("backup"),
     metavar="IFACE",
     help="Mark this uplink's endpoints `backup`: used only when no other subflow works "
     "(a metered LTE link). Repeatable.",
 )
-@click.option(
-    "--show", envvar=env("show"), is_flag=True, help="Print what mptun configured (no changes)."
-)
-@click.option(
-    "--clear",
-    envvar=env("clear"),
+@option("show", is_flag=True, help="Print what mptun configured (no changes).")
+@option("clear", is_flag=True, help="Remove what mptun added (all, or these IFACEs').")
+@option(
+    "watch",
     is_flag=True,
-    help="Remove what mptun added (all, or these IFACEs').",
-)
-@click.option(
-    "--watch",
-    is_flag=True,
-    envvar=env("watch"),
     help="Configure, then keep watching: restore an uplink's route and endpoint when it "
     "comes back (runs until SIGTERM).",
 )
-@click.option(
-    "--dry-run", envvar=env("dry-run"), is_flag=True, help="Print the changes without making them."
-)
+@option("dry-run", is_flag=True, help="Print the changes without making them.")
 def uplinks(
     ifaces: tuple[str, ...],
     table_base: int,
@@ -154,33 +133,4 @@ def uplinks(
                 continue
             click.echo(a.describe(names))
     if failed:
-        raise SystemExit(1)
-
-
-@click.command()
-@control_option
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    envvar=env("json"),
-    help="One JSON document instead of text.",
-)
-def status(control: str, as_json: bool) -> None:
-    """Live tunnels and their subflows, the uplinks, and why speeds may not add up.
-
-    Asks every mptun client of this network namespace (or the one at --control); run it where
-    the client runs (on the router, or `ip netns exec`).
-    """
-    from mptun.client.status import gather, render
-
-    if control == "none":
-        raise ConfigError("--control none: nothing to ask")
-    rep = gather(None if control == "auto" else [control])
-    if as_json:
-        click.echo(json.dumps(rep.to_dict(), indent=1))
-    else:
-        for line in render(rep):
-            click.echo(line)
-    if not rep.clients:
         raise SystemExit(1)

@@ -19,9 +19,9 @@ from mptun.client.nftables import (
     parse_networks,
     render_gateway,
 )
+from mptun.commands.options import config_option, option, uci_option
 from mptun.common.address import Address
 from mptun.common.errors import ConfigError, MptunError
-from mptun.options import config_option, env, uci_option
 
 
 def _server_addresses(values: tuple[str, ...]) -> list[IPAddress]:
@@ -51,101 +51,83 @@ def _server_addresses(values: tuple[str, ...]) -> list[IPAddress]:
 @click.command()
 @config_option
 @uci_option
-@click.option(
-    "--port",
+@option(
+    "port",
     type=click.IntRange(1, 65535),
     required=True,
-    envvar=env("port"),
     help="The mptun client's --redir port (--tproxy port with --mode tproxy).",
 )
-@click.option(
-    "--mode",
+@option(
+    "mode",
     type=click.Choice(["redirect", "tproxy"]),
     default="redirect",
-    show_default=True,
-    envvar=env("mode"),
     help="redirect: nat REDIRECT (pairs with --redir); tproxy: nftables tproxy and policy "
     "routing (pairs with --tproxy).",
 )
-@click.option(
-    "--server",
+@option(
+    "server",
     multiple=True,
     required=True,
-    envvar=env("server"),
     help="The VPS server (HOST or HOST:PORT; names are resolved now): never redirected "
     "(repeatable).",
 )
-@click.option(
-    "--lan",
+@option(
+    "lan",
     multiple=True,
     default=DEFAULT_LAN,
-    show_default=True,
-    envvar=env("lan"),
     help="LAN interface whose TCP is redirected (repeatable).",
 )
-@click.option(
-    "--bypass",
+@option(
+    "bypass",
     multiple=True,
-    envvar=env("bypass"),
     help="Destination CIDR reached directly, not through the tunnel (repeatable; added to the "
     "defaults).",
 )
-@click.option(
+@option(
+    "default-bypass",
     "--default-bypass/--no-default-bypass",
     default=True,
-    show_default=True,
-    envvar=env("default-bypass"),
     help="Bypass loopback, private (RFC 1918, fc00::/7), shared, link-local, multicast and "
     "reserved ranges.",
 )
-@click.option(
-    "--dns-port",
+@option(
+    "dns-port",
     type=click.IntRange(1, 65535),
-    envvar=env("dns-port"),
     help="Redirect the LAN's DNS (UDP and TCP port 53, to any address) to the client's --dns port.",
 )
-@click.option(
-    "--block-quic",
+@option(
+    "block-quic",
     is_flag=True,
     default=False,
-    envvar=env("block-quic"),
     help="Reject UDP port 443 from the LAN, so browsers use TCP (which is tunneled) over QUIC.",
 )
-@click.option(
+@option(
+    "ipv6",
     "--ipv6/--no-ipv6",
     default=True,
-    show_default=True,
-    envvar=env("ipv6"),
     help="Redirect IPv6 too (the client must listen on an IPv6 or dual-stack address).",
 )
-@click.option(
-    "--table",
+@option(
+    "table",
     default=DEFAULT_TABLE,
-    show_default=True,
-    envvar=env("table"),
     help="Name of the nftables table (family inet).",
 )
-@click.option(
-    "--mark",
+@option(
+    "mark",
     type=click.IntRange(1, 0xFFFFFFFF),
     default=DEFAULT_MARK,
-    show_default=True,
-    envvar=env("mark"),
     help="tproxy: packet mark that routes handed-over packets to this host.",
 )
-@click.option(
-    "--route-table",
+@option(
+    "route-table",
     type=click.IntRange(1, 0xFFFFFFFE),
     default=DEFAULT_ROUTE_TABLE,
-    show_default=True,
-    envvar=env("route-table"),
     help="tproxy: routing table of the local-delivery route.",
 )
-@click.option(
-    "--check",
+@option(
+    "check",
     is_flag=True,
     default=False,
-    envvar=env("check"),
     help="Also check the ruleset with `nft -c` (needs nft and privileges); exit 1 if it fails.",
 )
 def nft(

@@ -1,0 +1,58 @@
+"""The server's configuration from plain settings (at start, and again on each reload).
+
+`mptun server` (mptun/commands/server.py) maps its options onto `ServerSettings`, runs
+`Server(server_config(settings))` and, on SIGHUP, hands `Server.reload` a new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mptun.common.address import Address
+from mptun.common.crypto import DEFAULT_CIPHER, cipher_by_name
+from mptun.common.relay import RelaySettings
+from mptun.common.replay import DEFAULT_CAPACITY, DEFAULT_WINDOW
+from mptun.server.policy import TargetPolicy, parse_cidrs
+from mptun.server.service import ServerConfig
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `mptun server` is told, as plain values; the defaults are the command's."""
+
+    listen: Address
+    psk: bytes = field(repr=False)
+    cipher: str = DEFAULT_CIPHER
+    allow_target: tuple[str, ...] = ()  # CIDRs
+    allow_private: bool = False
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    idle_timeout: float | None = None
+    max_connections: int = 4096
+    replay_window: float = DEFAULT_WINDOW
+    replay_capacity: int = DEFAULT_CAPACITY
+    replay_file: str | None = None
+    stats_file: str | None = None
+    drain_timeout: float = 10.0  # on SIGTERM
+
+
+def server_config(s: ServerSettings) -> ServerConfig:
+    """The `Server`'s configuration (raises ConfigError for a bad --allow-target)."""
+    return ServerConfig(
+        listen=s.listen,
+        psk=s.psk,
+        cipher=cipher_by_name(s.cipher),
+        engine=s.relay.choose(),
+        accept_plain=s.relay.plain,
+        policy=TargetPolicy(allow=parse_cidrs(s.allow_target), allow_private=s.allow_private),
+        mptcp=s.relay.mptcp,
+        handshake_timeout=s.handshake_timeout,
+        connect_timeout=s.connect_timeout,
+        idle_timeout=s.idle_timeout,
+        replay_window=s.replay_window,
+        replay_capacity=s.replay_capacity,
+        replay_file=Path(s.replay_file) if s.replay_file else None,
+        max_connections=s.max_connections,
+    )

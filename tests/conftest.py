@@ -1,9 +1,9 @@
-"""Shared fixtures: a key file, and running mptun server + client pairs on loopback."""
+"""Shared fixtures: a key file, running mptun server + client pairs on loopback, and the skip for
+tests that need the namespace test bed. The plumbing behind them is in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from mptun.common.crypto import generate_key
-from tests.helpers import MptunProcess, free_port, wait_listening
+from mptun.lab.netns import have_mptcp, have_netns
+from tests.helpers import ClientProcess, MptunProcess, ServerProcess
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -32,8 +33,8 @@ def key_file(tmp_path: Path) -> Path:
 
 @dataclass
 class Pair:
-    server: MptunProcess
-    client: MptunProcess
+    server: ServerProcess
+    client: ClientProcess
     server_port: int
     socks_port: int
 
@@ -48,37 +49,22 @@ def mptun_pair(tmp_path: Path, key_file: Path) -> Iterator[Callable[..., Pair]]:
     started: list[MptunProcess] = []
 
     def start(server_args: tuple = (), client_args: tuple = (), env: dict | None = None) -> Pair:
-        sport, cport = free_port(), free_port()
-        srv = MptunProcess(
-            ["server", "--listen", f"127.0.0.1:{sport}", "--key-file", str(key_file), *server_args],
-            tmp_path / f"server-{sport}.log",
-            env,
-        )
+        srv = ServerProcess(tmp_path, key_file, *server_args, env=env, stats=False)
         started.append(srv)
-        wait_listening("127.0.0.1", sport, proc=srv.proc)
-        cli = MptunProcess(
-            [
-                "client",
-                "--server",
-                f"127.0.0.1:{sport}",
-                "--key-file",
-                str(key_file),
-                "--socks",
-                f"127.0.0.1:{cport}",
-                *client_args,
-            ],
-            tmp_path / f"client-{cport}.log",
-            env,
-        )
+        cli = ClientProcess(tmp_path, key_file, srv.port, *client_args, env=env, stats=False)
         started.append(cli)
-        wait_listening("127.0.0.1", cport, proc=cli.proc)
-        return Pair(srv, cli, sport, cport)
+        return Pair(srv, cli, srv.port, cli.socks_port)
 
     yield start
     for p in reversed(started):
         p.stop()
 
 
-def need(tool: str) -> None:
-    if shutil.which(tool) is None:
-        pytest.skip(f"{tool} is not installed (make test installs it)")
+@pytest.fixture
+def needs_mptcp_testbed() -> None:
+    """Skip, with the reason, unless this machine can build the multipath test bed (namespaces,
+    MPTCP, pyroute2). Use as `pytest.mark.usefixtures("needs_mptcp_testbed")`."""
+    for ok, why in (have_netns(), have_mptcp()):
+        if not ok:
+            pytest.skip(why)
+    pytest.importorskip("pyroute2", reason="pyroute2 is not installed (the `test` extra has it)")

@@ -1,130 +1,86 @@
-"""Test plumbing: free ports, waiting for listeners, mptun processes, an HTTP peer."""
+"""Test plumbing, one place for each thing (issue 21):
+
+- tests/helpers.py (this module): ports and waiting (from mptun.lab.wait, the one copy shared with
+  the lab and the benchmark), mptun processes (`MptunProcess`, and on top of it `ServerProcess`
+  and `ClientProcess`, which `mptun_pair` in tests/conftest.py starts too), stats dumps, `curl`,
+  `need`;
+- tests/peers.py: what a test puts at either end of mptun: HTTP, stream, closing and DNS peers, a
+  SOCKS5 client and hand-made tunnel first flights; `python -m tests.peers` runs peers inside
+  test-bed namespaces;
+- tests/isolated.py: an isolated root (mount and network namespaces) for running installers;
+- tests/tools/: scripts a test runs as their own processes (an echo target, a DNS flip driver);
+- tests/conftest.py: fixtures only (`key_file`, `mptun_pair`, `needs_mptcp_testbed`).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
+
+from mptun.common.address import Address, ip_or_name
+from mptun.common.crypto import load_key_file
+from mptun.common.stats import read_stats
+from mptun.lab.wait import SLOWDOWN, family_of, free_port, wait_listening
+
+__all__ = [
+    "ROOT",
+    "SLOWDOWN",
+    "ClientProcess",
+    "MptunProcess",
+    "ServerProcess",
+    "curl",
+    "family_of",
+    "free_port",
+    "need",
+    "read_stats_after_usr1",
+    "run_mptun",
+    "wait_listening",
+]
+
 ROOT = Path(__file__).resolve().parent.parent
-# How much slower than this machine the tests run: the QEMU guest (tests/test_vm.py) sets it,
-# since its software-emulated CPU starts a Python process in seconds, not milliseconds.
-SLOWDOWN = float(os.environ.get("MPTUN_TEST_SLOWDOWN", "1"))
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (make test installs it)")
 
 
-def wait_listening(host: str, port: int, timeout: float | None = None, proc=None) -> None:
-    """Poll until something accepts on host:port (never a fixed sleep)."""
-    timeout = timeout or 10.0 * SLOWDOWN
-    deadline = time.monotonic() + timeout
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening")
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            if s.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+def run_mptun(
+    *args: str, env: dict | None = None, timeout: float | None = 20
+) -> subprocess.CompletedProcess:
+    """`python -m mptun ARGS` to completion (output captured as text); `env` adds variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "mptun", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
-def deterministic_bytes(size: int, seed: int = 1) -> Iterator[bytes]:
-    """A reproducible pseudo-random stream, in 1 MiB chunks (cheap: SHAKE-256)."""
-    chunk = 1 << 20
-    done = 0
-    block = 0
-    while done < size:
-        n = min(chunk, size - done)
-        yield hashlib.shake_256(f"{seed}:{block}".encode()).digest(n)
-        done += n
-        block += 1
+def curl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["curl", "--silent", "--show-error", "--max-time", str(int(timeout)), *args],
+        capture_output=True,
+        timeout=timeout + 10,
+    )
 
 
-def sha256_of_stream(size: int, seed: int = 1) -> str:
-    h = hashlib.sha256()
-    for c in deterministic_bytes(size, seed):
-        h.update(c)
-    return h.hexdigest()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:  # keep test output clean
-        pass
-
-    def do_GET(self) -> None:  # /bytes/<size>/<seed>
-        parts = self.path.strip("/").split("/")
-        if len(parts) != 3 or parts[0] != "bytes":
-            self.send_error(404)
-            return
-        size, seed = int(parts[1]), int(parts[2])
-        self.send_response(200)
-        self.send_header("Content-Length", str(size))
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        for c in deterministic_bytes(size, seed):
-            self.wfile.write(c)
-
-    def do_PUT(self) -> None:
-        n = int(self.headers.get("Content-Length", "0"))
-        h = hashlib.sha256()
-        while n:
-            c = self.rfile.read(min(n, 1 << 20))
-            if not c:
-                break
-            h.update(c)
-            n -= len(c)
-        body = (h.hexdigest() + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_POST = do_PUT
-
-
-class _V6Server(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-    daemon_threads = True
-
-
-class _V4Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-
-@contextlib.contextmanager
-def http_server(host: str = "127.0.0.1") -> Iterator[tuple[str, int]]:
-    """A local HTTP peer: GET /bytes/SIZE/SEED streams a known stream; PUT returns sha256."""
-    cls = _V6Server if ":" in host else _V4Server
-    srv = cls((host, 0), _Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield host, srv.server_address[1]
-    finally:
-        srv.shutdown()
-        srv.server_close()
+def host_port(host: str, port: int) -> str:
+    """`127.0.0.1:PORT` or `[::1]:PORT`, as mptun's options take them."""
+    return str(Address(ip_or_name(host), port))
 
 
 class MptunProcess:
-    """`python -m mptun ...` as a child process, its log in a file, stopped by PID."""
+    """`python -m mptun ...` as a child process, its log in a file, stopped by PID (`stop()`, or
+    leaving a `with` block)."""
 
     def __init__(
         self,
@@ -153,6 +109,14 @@ class MptunProcess:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def _ready(self, host: str, port: int) -> None:
+        """Wait for this process's listener; stop the process if it never comes."""
+        try:
+            wait_listening(host, port, proc=self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -164,10 +128,130 @@ class MptunProcess:
         self._log.close()
         return self.proc.returncode
 
+    def __enter__(self):
+        return self
 
-def curl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["curl", "--silent", "--show-error", "--max-time", str(int(timeout)), *args],
-        capture_output=True,
-        timeout=timeout + 10,
-    )
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ServerProcess(MptunProcess):
+    """`mptun server --listen HOST:PORT --key-file KEY ARGS`, started and listening.
+
+    With `stats` (the default) it also writes `--stats-file`, and `stats()` asks for a fresh dump;
+    the start then waits until the listening probe's connection has been counted (INCOMPLETE), so
+    tests count from a settled server.
+    """
+
+    def __init__(
+        self,
+        tmp: Path,
+        key_file: Path,
+        *args: str,
+        env: dict | None = None,
+        port: int | None = None,
+        prefix: list[str] | None = None,
+        host: str = "127.0.0.1",
+        stats: bool = True,
+    ) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.key_file = key_file
+        self.stats_path = tmp / f"stats-{self.port}.json"
+        stats_args: list[str] = []
+        if stats:
+            self.stats_path.unlink(missing_ok=True)  # a dump of an earlier process would mislead
+            stats_args = ["--stats-file", str(self.stats_path)]
+        listen = ["--listen", host_port(host, self.port), "--key-file", str(key_file)]
+        super().__init__(
+            ["server", *listen, *stats_args, *args],
+            tmp / f"server-{self.port}-{time.monotonic_ns()}.log",
+            env,
+            prefix,
+        )
+        self._ready(host, self.port)
+        if stats:
+            # wait_listening's own connection ends as INCOMPLETE: let it land before tests count.
+            self.wait_counter("incomplete", 1)
+
+    @property
+    def psk(self) -> bytes:
+        return load_key_file(self.key_file)
+
+    def stats(self, timeout: float = 10.0) -> dict:
+        """Send SIGUSR1 and wait for the dump it causes."""
+        return read_stats_after_usr1(self.pid, self.stats_path, timeout, self)
+
+    def counters(self) -> dict[str, int]:
+        return self.stats()["counters"]
+
+    def wait_counter(self, name: str, value: int, timeout: float = 10.0) -> dict[str, int]:
+        """Poll the counters until `name` reaches `value` (for effects that land asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            c = self.counters()
+            if c.get(name, 0) >= value or time.monotonic() > deadline:
+                return c
+            time.sleep(0.05)
+
+
+class ClientProcess(MptunProcess):
+    """`mptun client --server HOST:PORT --key-file KEY --socks 127.0.0.1:PORT ARGS`, listening.
+
+    With `stats` (the default) it also writes `--stats-file`, read by `stats()`.
+    """
+
+    def __init__(
+        self,
+        tmp: Path,
+        key_file: Path,
+        server_port: int,
+        *args: str,
+        env: dict | None = None,
+        prefix: list[str] | None = None,
+        server_host: str = "127.0.0.1",
+        stats: bool = True,
+    ) -> None:
+        self.socks_port = free_port()
+        self.stats_path = tmp / f"client-stats-{self.socks_port}.json"
+        stats_args = ["--stats-file", str(self.stats_path)] if stats else []
+        super().__init__(
+            [
+                "client",
+                "--server",
+                host_port(server_host, server_port),
+                "--key-file",
+                str(key_file),
+                "--socks",
+                f"127.0.0.1:{self.socks_port}",
+                *stats_args,
+                *args,
+            ],
+            tmp / f"client-{self.socks_port}.log",
+            env,
+            prefix,
+        )
+        self._ready("127.0.0.1", self.socks_port)
+
+    @property
+    def socks(self) -> str:
+        return f"127.0.0.1:{self.socks_port}"
+
+    def stats(self) -> dict:
+        return read_stats_after_usr1(self.pid, self.stats_path, proc=self)
+
+
+def read_stats_after_usr1(
+    pid: int, path: Path, timeout: float = 10.0, proc: MptunProcess | None = None
+) -> dict:
+    """Send SIGUSR1 to `pid` and wait for the dump it causes (its `seq` is larger than the last)."""
+    before = read_stats(path)
+    seq = before["seq"] if before else 0
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = read_stats(path)
+        if now and now["seq"] > seq:
+            return now
+        time.sleep(0.02)
+    raise TimeoutError(f"no stats dump after SIGUSR1:\n{proc.log()[-3000:] if proc else ''}")

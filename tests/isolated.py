@@ -63,8 +63,13 @@ class IsolatedRoot:
         self.pid = int(line[1])
         self._scratch = Path(line[2])  # an empty mount point on the host, removed in close()
 
+    def prefix(self) -> list[str]:
+        """The argv prefix that runs a command inside (as `Netns.prefix()`: for `free_port` and
+        `wait_listening` of tests/helpers.py)."""
+        return ["nsenter", f"--target={self.pid}", "--mount", "--net", "--"]
+
     def argv(self, cmd: Sequence[str]) -> list[str]:
-        return ["nsenter", f"--target={self.pid}", "--mount", "--net", "--", *map(str, cmd)]
+        return [*self.prefix(), *map(str, cmd)]
 
     def run(
         self,
@@ -107,17 +112,6 @@ class IsolatedRoot:
         """Run Python (this interpreter, the repo importable) inside; its stdout."""
         env = {"PYTHONPATH": str(ROOT)}
         return self.run([sys.executable, "-c", code], env=env, timeout=timeout).stdout
-
-    def free_port(self) -> int:
-        """A port the kernel picks inside the namespace (port 0, never a guess)."""
-        return int(self.python("from tests.helpers import free_port; print(free_port())"))
-
-    def wait_listening(self, port: int, timeout: float = 20) -> None:
-        self.python(
-            f"from tests.helpers import wait_listening; wait_listening('127.0.0.1', {port}, "
-            f"{timeout})",
-            timeout=timeout + 30,
-        )
 
     def read(self, path: str) -> str:
         return self.run(["cat", path]).stdout

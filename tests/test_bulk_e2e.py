@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need
-from tests.helpers import curl, deterministic_bytes, free_port, http_server, sha256_of_stream
+from tests.helpers import curl, free_port, need
+from tests.peers import deterministic_bytes, http_server, sha256_of_stream
 
 SIZE = 200 << 20
 

@@ -5,25 +5,13 @@ from __future__ import annotations
 import base64
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from mptun.common.address import Address
 from tests.helpers import MptunProcess, free_port, wait_listening
-
-
-def mptun(*args: str, env: dict | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run(
-        [sys.executable, "-m", "mptun", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+from tests.helpers import run_mptun as mptun
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, *words: str, code: int = 2) -> None:

@@ -14,8 +14,14 @@ from pathlib import Path
 import pytest
 
 from mptun.common.crypto import generate_key
-from tests.helpers import free_port
-from tests.servers import ServerProcess, read_stats_after_usr1
+from tests.helpers import (
+    ClientProcess,
+    ServerProcess,
+    free_port,
+    read_stats_after_usr1,
+    run_mptun,
+)
+from tests.peers import socks_open
 
 
 def check(port: int, key_file: Path, *extra: str, prefix: tuple = (), env: dict | None = None):
@@ -112,23 +118,10 @@ def test_check_not_mptun(key_file: Path) -> None:
 def test_socks_refuses_wildcard_without_auth(key_file: Path) -> None:
     port = free_port()
     for bind in (f"0.0.0.0:{port}", f"[::]:{port}"):  # (a public address: no such here)
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mptun",
-                "client",
-                "--server",
-                "127.0.0.1:1",
-                "--key-file",
-                str(key_file),
-                "--socks",
-                bind,
-            ],
-            capture_output=True,
-            text=True,
+        r = run_mptun(
+            "client", "--server", "127.0.0.1:1", "--key-file", str(key_file), "--socks", bind,
             timeout=30,
-        )
+        )  # fmt: skip
         assert r.returncode == 2, r.stderr
         assert "open proxy" in r.stderr and "Traceback" not in r.stderr
 
@@ -171,7 +164,6 @@ def test_socks_per_client_limit(tmp_path: Path, key_file: Path, mptun_pair) -> N
 def test_running_client_logs_key_and_clock_advice_once(tmp_path: Path, server: ServerProcess):
     """Tunnels the server never answers: one log line naming key and clock, not one per tunnel."""
     from mptun.common.address import Address
-    from tests.servers import ClientProcess, socks_open
 
     other = tmp_path / "other"
     other.write_text(generate_key() + "\n")
@@ -184,7 +176,7 @@ def test_running_client_logs_key_and_clock_advice_once(tmp_path: Path, server: S
             s, reply = socks_open(cli.socks_port, Address.parse("192.0.2.1:80"), timeout=20)
             s.close()
             assert reply == 1
-        advice = [ln for ln in cli.proc.log().splitlines() if "same key" in ln and "clock" in ln]
+        advice = [ln for ln in cli.log().splitlines() if "same key" in ln and "clock" in ln]
         assert len(advice) == 1, advice
         assert cli.stats()["counters"]["timeout"] == 3
     finally:

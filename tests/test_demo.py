@@ -12,19 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from mptun.lab.netns import have_mptcp, have_netns
-
-pytestmark = [pytest.mark.root, pytest.mark.netns]
+pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.usefixtures("needs_mptcp_testbed")]
 
 DEMO = [sys.executable, "-m", "mptun", "demo"]
-
-
-@pytest.fixture(autouse=True)
-def _requirements() -> None:
-    for ok, why in (have_netns(), have_mptcp()):
-        if not ok:
-            pytest.skip(why)
-    pytest.importorskip("pyroute2", reason="pyroute2 is not installed (the `test` extra has it)")
 
 
 def namespaces(suffix: str) -> list[str]:

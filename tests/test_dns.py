@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from mptun.client.dnscache import DnsCache, cache_key
 from mptun.common import dns
 from mptun.common.errors import ProtocolError
-from tests.dnspeer import A_TTL, SOA_MINIMUM, respond
+from tests.peers import A_TTL, SOA_MINIMUM, respond
 
 ONE_Q = struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 0)  # a header announcing one question
 

@@ -19,13 +19,13 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mptun.lab.netns import Netns, have_netns
+from tests.helpers import wait_listening
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -122,19 +122,6 @@ def make_ca(tmp: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def wait_port(ns: Netns, port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """Poll `ss` in the namespace until something listens on the port (no fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"exited with {proc.returncode} before listening on {port}")
-        r = ns.exec("ss", "-Hltn", f"sport = :{port}", check=False)
-        if r.stdout.strip():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port} after {timeout} s")
-
-
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[dict]:
     ok, why = have_netns()
@@ -209,7 +196,7 @@ def test_readme_quick_start_runs_as_written(world: dict) -> None:
     (tmp / "https.py").write_text(HTTPS_SERVER)
     https = world["inet"].popen([sys.executable, str(tmp / "https.py"), str(tmp / "body"),
                                  str(cert), str(key)])  # fmt: skip
-    wait_port(world["inet"], 443, https)
+    wait_listening("[::]", 443, 15.0, https, prefix=world["inet"].prefix())
 
     logs = {}
     vps_env = {**env, "MPTUN_ALLOW_TARGET": "203.0.113.0/24"}
@@ -226,7 +213,7 @@ def test_readme_quick_start_runs_as_written(world: dict) -> None:
                     stderr=log.open("wb"),
                 )
                 port = int(re.search(r"(?:listen|socks) \S*?:(\d+)", line).group(1))
-                wait_port(ns, port, proc)
+                wait_listening("[::]", port, 15.0, proc, prefix=ns.prefix())
             elif line.startswith("curl"):
                 r = subprocess.run(
                     [*ns.prefix(), *shell(line, tmp, etc)],

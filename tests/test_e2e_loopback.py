@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need
-from tests.helpers import curl, deterministic_bytes, http_server, sha256_of_stream
+from tests.helpers import ClientProcess, ServerProcess, curl, need
+from tests.peers import deterministic_bytes, http_server, sha256_of_stream
 
 ALLOW = ("--allow-target", "127.0.0.0/8", "--allow-target", "::1/128")
 SIZE = 50 * 1024 * 1024
@@ -77,44 +77,21 @@ def test_ipv6_target(mptun_pair):
 
 def test_tunnel_over_ipv6(tmp_path: Path, key_file: Path):
     """Server listening on [::1], client dialing it by its IPv6 address."""
-    from tests.helpers import MptunProcess, free_port, wait_listening
-
     need("curl")
-    sport, cport = free_port("::1"), free_port()
-    srv = MptunProcess(
-        ["server", "--listen", f"[::1]:{sport}", "--key-file", str(key_file), *ALLOW],
-        tmp_path / "s.log",
-    )
-    cli = None
-    try:
-        wait_listening("::1", sport, proc=srv.proc)
-        cli = MptunProcess(
-            [
-                "client",
-                "--server",
-                f"[::1]:{sport}",
-                "--key-file",
-                str(key_file),
-                "--socks",
-                f"127.0.0.1:{cport}",
-            ],
-            tmp_path / "c.log",
-        )
-        wait_listening("127.0.0.1", cport, proc=cli.proc)
+    with (
+        ServerProcess(tmp_path, key_file, *ALLOW, host="::1", stats=False) as srv,
+        ClientProcess(tmp_path, key_file, srv.port, server_host="::1", stats=False) as cli,
+    ):
         with http_server() as (_, port):
             r = curl(
                 "--socks5-hostname",
-                f"127.0.0.1:{cport}",
+                cli.socks,
                 f"http://localhost:{port}/bytes/1000000/4",
                 "-o",
                 "-",
             )
         assert r.returncode == 0, r.stderr
         assert hashlib.sha256(r.stdout).hexdigest() == sha256_of_stream(1000000, 4)
-    finally:
-        if cli:
-            cli.stop()
-        srv.stop()
 
 
 class ScriptedTarget:

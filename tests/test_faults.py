@@ -13,14 +13,8 @@ import pytest
 
 from mptun.common.address import Address
 from mptun.common.crypto import generate_key
-from tests.helpers import free_port, wait_listening
-from tests.servers import (
-    ClientProcess,
-    ServerProcess,
-    StreamTarget,
-    read_until_end,
-    socks_open,
-)
+from tests.helpers import ClientProcess, ServerProcess, free_port, wait_listening
+from tests.peers import StreamTarget, read_until_end, socks_open
 
 CONNECT_TIMEOUT = 1.0
 
@@ -104,13 +98,10 @@ def test_server_restart_resets_the_lan_side(tmp_path: Path, key_file: Path, sig,
         srv.stop(sig)
         ends = [read_until_end(s, 15)[1] for s in socks]
         assert ends == ["reset"] * 4
-        back = ServerProcess(tmp_path, key_file, "--allow-private", "--bulk", bulk, port=srv.port)
-        try:
+        with ServerProcess(tmp_path, key_file, "--allow-private", "--bulk", bulk, port=srv.port):
             s, reply = socks_open(cli.socks_port, busy.address)
             assert reply == 0 and s.recv(100)
             s.close()
-        finally:
-            back.stop()
     finally:
         for s in socks:
             s.close()
@@ -142,7 +133,7 @@ def test_sigterm_stops_accepting_drains_then_exits_0(tmp_path: Path, key_file: P
         got, end = read_until_end(a, 15)
         assert (got + 1, end) == (total, "eof")  # the finite transfer completes
         assert read_until_end(b, 15)[1] == "reset"  # the endless one is reset at the deadline
-        assert srv.proc.proc.wait(15) == 0
+        assert srv.proc.wait(15) == 0
         took = time.monotonic() - t0
         assert drain - 0.2 < took < drain + 3, took
     finally:
@@ -179,13 +170,10 @@ def test_sighup_reloads_the_key_without_dropping_connections(tmp_path: Path, key
         s2.close()
         assert reply2 == 1
         # ... and a client with the new key gets through.
-        new_client = ClientProcess(tmp_path, key_file, srv.port, "--reply", "verified")
-        try:
+        with ClientProcess(tmp_path, key_file, srv.port, "--reply", "verified") as new_client:
             s3, reply3 = socks_open(new_client.socks_port, target.address)
             assert reply3 == 0 and s3.recv(1)
             s3.close()
-        finally:
-            new_client.stop()
         target.stop.set()  # the first connection ends cleanly, unharmed by the reload
         assert read_until_end(s, 15)[1] == "eof"
         s.close()
@@ -198,16 +186,13 @@ def test_sighup_reloads_the_key_without_dropping_connections(tmp_path: Path, key
 def test_bad_config_on_sighup_keeps_running(tmp_path: Path, key_file: Path):
     conf = tmp_path / "server.toml"
     conf.write_text("[server]\nallow-private = true\n")
-    srv = ServerProcess(tmp_path, key_file, "--config", str(conf))
-    try:
+    with ServerProcess(tmp_path, key_file, "--config", str(conf)) as srv:
         conf.write_text("[server]\nno-such-key = 1\n")
         os.kill(srv.proc.pid, signal.SIGHUP)
         deadline = time.monotonic() + 10
-        while "reload failed" not in srv.proc.log():
+        while "reload failed" not in srv.log():
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert srv.proc.proc.poll() is None
+        assert srv.proc.poll() is None
         wait_listening("127.0.0.1", srv.port)
         assert srv.counters().get("reload", 0) == 0
-    finally:
-        srv.stop()

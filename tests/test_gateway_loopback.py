@@ -22,14 +22,15 @@ from mptun.common.address import Address
 from mptun.common.crypto import DEFAULT_CIPHER, cipher_by_name, load_key_file
 from mptun.common.handshake import ConnectStatus, NeedData, ServerHandshake
 from mptun.common.replay import ReplayGuard
-from tests.dnspeer import A_TTL, TXT_COUNT, start_gated_server, tcp_dns_server, tcp_exchange
-from tests.helpers import (
-    ROOT,
-    MptunProcess,
-    free_port,
+from tests.helpers import ROOT, MptunProcess, free_port, wait_listening
+from tests.peers import (
+    A_TTL,
+    TXT_COUNT,
     http_server,
     sha256_of_stream,
-    wait_listening,
+    start_gated_server,
+    tcp_dns_server,
+    tcp_exchange,
 )
 
 

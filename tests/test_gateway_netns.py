@@ -38,7 +38,8 @@ from mptun.lab.testbed import (
     VPS_INET_V6,
     Testbed,
 )
-from tests.helpers import ROOT, sha256_of_stream
+from tests.helpers import ROOT, wait_listening
+from tests.peers import sha256_of_stream
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -179,17 +180,6 @@ def wait_for(probe, what: str, timeout: float = 10.0):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def wait_ns_listening(ns: Netns, port: int, proc: subprocess.Popen, udp: bool = False) -> None:
-    flag = "-Hulpn" if udp else "-Htlpn"
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited {proc.returncode} before listening on {port}")
-        return bool(ns.exec("ss", flag, f"sport = :{port}").stdout.strip())
-
-    wait_for(up, f"a listener on port {port} in {ns.name}")
-
-
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory) -> Iterator[Gateway]:
     ok, why = have_netns()
@@ -230,10 +220,10 @@ def gw(tmp_path_factory) -> Iterator[Gateway]:
             g.inet,
             [sys.executable, "-m", "tests.peers", "udp-echo", "--port", str(QUIC_PORT)],
         )
-        wait_ns_listening(g.vps, SERVER_PORT, srv)
-        wait_ns_listening(g.inet, HTTP_PORT, http)
-        wait_ns_listening(g.vps, VPS_HTTP_PORT, vhttp)
-        wait_ns_listening(g.inet, QUIC_PORT, echo, udp=True)
+        wait_listening("[::]", SERVER_PORT, 10.0, srv, prefix=g.vps.prefix())
+        wait_listening("[::]", HTTP_PORT, 10.0, http, prefix=g.inet.prefix())
+        wait_listening("[::]", VPS_HTTP_PORT, 10.0, vhttp, prefix=g.vps.prefix())
+        wait_listening("[::]", QUIC_PORT, 10.0, echo, prefix=g.inet.prefix(), udp=True)
         yield g
 
 
@@ -242,7 +232,7 @@ def running_client(gw: Gateway, *args: str, port: int, **kw) -> Iterator[Gateway
     """A client on the router for one test; rules and policy routing removed afterwards."""
     p = gw.client(*args, **kw)
     try:
-        wait_ns_listening(gw.router, port, p)
+        wait_listening("[::]", port, 10.0, p, prefix=gw.router.prefix())
         yield gw
     finally:
         gw.remove_rules()
@@ -386,7 +376,7 @@ def test_dns_lookup_from_the_lan_goes_through_the_tunnel(client: Gateway):
         ],
     )
     try:
-        wait_ns_listening(g.inet, 53, dnsmasq, udp=True)
+        wait_listening("[::]", 53, 10.0, dnsmasq, prefix=g.inet.prefix(), udp=True)
         g.load_rules("--port", str(REDIR_PORT), "--dns-port", str(DNS_PORT))
 
         def dig(server: str, qtype: str, *extra: str) -> str:

@@ -22,8 +22,8 @@ from mptun.common.records import Opener, Sealer
 from mptun.common.relay import AeadEngine, KtlsEngine, Session
 from mptun.common.relay.bulk import AutoEngine, choose_bulk
 from mptun.common.sockets import IPPROTO_MPTCP, is_mptcp
-from tests.conftest import need
-from tests.helpers import curl, http_server, sha256_of_stream
+from tests.helpers import curl, need
+from tests.peers import http_server, sha256_of_stream
 from tests.test_relay_aead import read_all, send_all, sessions, tcp_pair
 
 NO_KTLS = ktls.probe()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.servers import ClientProcess, ServerProcess, StreamTarget, read_until_end, socks_open
+from tests.helpers import ClientProcess, ServerProcess
+from tests.peers import StreamTarget, read_until_end, socks_open
 
 IDLE = 1.0
 

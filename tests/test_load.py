@@ -24,8 +24,7 @@ import pytest
 
 from mptun.common.address import Address
 from mptun.common.relay.splice import F_GETPIPE_SZ
-from tests.helpers import MptunProcess, free_port, wait_listening
-from tests.servers import ServerProcess, read_stats_after_usr1
+from tests.helpers import ClientProcess, ServerProcess, read_stats_after_usr1
 
 TOOLS = Path(__file__).resolve().parent / "tools"
 MIB = 1 << 20
@@ -151,14 +150,10 @@ def settle(pids: dict[str, int], baseline: dict[str, int], timeout: float = 20.0
 def pair(tmp: Path, key_file: Path, *extra: str, prefix: list[str] | None = None):
     """Server and client (SOCKS on loopback, no per-address limit: all load comes from one)."""
     srv = ServerProcess(tmp, key_file, "--allow-private", *extra, prefix=prefix)
-    port = free_port()
-    cli = MptunProcess(
-        ["client", "--server", f"127.0.0.1:{srv.port}", "--key-file", str(key_file),
-         "--socks", f"127.0.0.1:{port}", "--socks-per-client", "100000", *extra],
-        tmp / f"client-{port}.log", prefix=prefix,
-    )  # fmt: skip
-    wait_listening("127.0.0.1", port, proc=cli.proc)
-    return srv, cli, port
+    cli = ClientProcess(
+        tmp, key_file, srv.port, "--socks-per-client", "100000", *extra, prefix=prefix, stats=False
+    )
+    return srv, cli, cli.socks_port
 
 
 def pipe_sizes(pid: int) -> list[int]:
@@ -286,7 +281,7 @@ def test_unprivileged_low_fd_limit_and_pipe_cap_degrade(tmp_path: Path, key_file
             # the service is still there afterwards
             again = asyncio.run(run_load(socks_port, target, 2, MIB, 2))
         stats = read_stats_after_usr1(srv.proc.pid, srv.stats_path)
-        log = srv.proc.log() + cli.log()
+        log = srv.log() + cli.log()
         assert "Traceback" not in log
         assert "--max-connections lowered" in log
         print(

@@ -16,19 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from mptun.lab.netns import have_mptcp, have_netns
 from mptun.lab.rig import Fetch, Rig, mptun_argv
 from mptun.lab.testbed import Testbed
 
-pytestmark = [pytest.mark.root, pytest.mark.netns]
-
-
-@pytest.fixture(autouse=True)
-def _requirements() -> None:
-    for ok, why in (have_netns(), have_mptcp()):
-        if not ok:
-            pytest.skip(why)
-    pytest.importorskip("pyroute2", reason="pyroute2 is not installed (the `test` extra has it)")
+pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.usefixtures("needs_mptcp_testbed")]
 
 
 @pytest.fixture
@@ -64,6 +55,16 @@ def run_fetch(f: Fetch) -> tuple[list[dict], dict]:
             rows.append({"mono": row["mono"], "bytes": row["bytes"]})
     f.proc.wait(10)
     return rows, done
+
+
+def fetch_with_status(r: Rig, seconds: float, look_at: float, **kw) -> tuple[dict, list, dict]:
+    """One fetch of `seconds` through the tunnel with `mptun status` taken `look_at` s into it:
+    that status, then the fetch's rows and final row (`run_fetch`)."""
+    f = r.fetch(seconds, **kw)
+    time.sleep(look_at)
+    st = r.status()
+    rows, done = run_fetch(f)
+    return st, rows, done
 
 
 def mbit(rows: list[dict], t0: float, t1: float) -> float:
@@ -112,10 +113,8 @@ def test_one_connection_gets_the_sum_of_three_uplinks_and_one_uplink_alone_its_o
     rates = {u.router_if: u.rate_mbit for u in tb.uplinks}
     total = sum(rates.values())
     sampler = r.counters(0.5)
-    f = r.fetch(10)
-    time.sleep(4)
-    conn = tunnel(r.status())
-    rows, done = run_fetch(f)
+    st, rows, done = fetch_with_status(r, 10, 4)
+    conn = tunnel(st)
     ctr = counter_rows(sampler)
     assert done["ok"], done
     assert r.sent_totals() == [done["bytes"]]
@@ -136,11 +135,8 @@ def test_one_connection_gets_the_sum_of_three_uplinks_and_one_uplink_alone_its_o
     assert tb.router is not None
     cleared = tb.router.exec(*mptun_argv("uplinks", "--clear"))
     assert "del endpoint" in cleared.stdout
-    f = r.fetch(10)
-    time.sleep(4)
-    st = r.status()
+    st, rows, done = fetch_with_status(r, 10, 4)
     conn = tunnel(st)
-    rows, done = run_fetch(f)
     assert done["ok"], done
     assert len(conn["subflows"]) == 1
     (only,) = conn["subflows"]
@@ -210,10 +206,8 @@ def test_middlebox_stripping_mptcp_falls_back_to_tcp_and_status_says_so(rig):
     """The same path works with MPTCP; with the option stripped from SYNs on a namespace in
     between (nftables), the next connection still works, over plain TCP, and status says so."""
     tb, r = rig(testbed={"middlebox": True})
-    f = r.fetch(3)
-    time.sleep(1.5)
-    before = tunnel(r.status())
-    _, done = run_fetch(f)
+    st, _, done = fetch_with_status(r, 3, 1.5)
+    before = tunnel(st)
     assert done["ok"] and before["kind"] == "mptcp" and len(before["subflows"]) == 3, before
 
     tb.strip_mptcp()
@@ -244,10 +238,8 @@ def test_ipv6_tunnel_over_ipv6_uplinks(rig):
 
     tb, r = rig(server_v6=True, prepare=v6_only_wan3)
     assert "198.51.100.49" not in r.uplinks_output and "fd00:10:3::1" in r.uplinks_output
-    f = r.fetch(6, v6_target=True)
-    time.sleep(3)
-    conn = tunnel(r.status())
-    rows, done = run_fetch(f)
+    st, rows, done = fetch_with_status(r, 6, 3, v6_target=True)
+    conn = tunnel(st)
     assert done["ok"], done
     assert r.sent_totals() == [done["bytes"]]
     assert conn["kind"] == "mptcp"
@@ -264,11 +256,8 @@ def test_status_explains_a_join_the_server_refused(rig):
     """A VPS left at a subflow limit of 1: one uplink carries no subflow, and status says why."""
     tb, r = rig()
     tb.vps.exec("ip", "mptcp", "limits", "set", "subflows", "1", "add_addr_accepted", "0")
-    f = r.fetch(3)
-    time.sleep(1.5)
-    st = r.status()
+    st, _, done = fetch_with_status(r, 3, 1.5)
     conn = tunnel(st)
-    _, done = run_fetch(f)
     assert done["ok"], done
     assert len(conn["subflows"]) == 2, conn
     missing = ({"wan1", "wan2", "wan3"} - {sf["iface"] for sf in conn["subflows"]}).pop()

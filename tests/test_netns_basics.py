@@ -12,8 +12,7 @@ import pytest
 
 from mptun.lab.netns import Netns, have_mptcp, have_netns
 from mptun.lab.testbed import INET_HOST_V4, INET_HOST_V6, SERVER_V4, SERVER_V6, Testbed
-from tests.conftest import need
-from tests.helpers import SLOWDOWN
+from tests.helpers import need, wait_listening
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -26,26 +25,6 @@ def _requirements():
     ok, why = have_mptcp()
     if not ok:
         pytest.skip(why)
-
-
-def listening(ns: Netns, port: int) -> bool:
-    out = ns.exec("ss", "-Htln", f"sport = :{port}").stdout
-    return bool(out.strip())
-
-
-def wait_ns_listening(
-    ns: Netns, port: int, proc: subprocess.Popen, timeout: float = 10 * SLOWDOWN
-) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited {proc.returncode} before listening on {port}")
-        if listening(ns, port):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on :{port} in {ns.name}")
 
 
 def test_testbed_connectivity_and_cleanup(tmp_path: Path):
@@ -63,8 +42,8 @@ def test_testbed_connectivity_and_cleanup(tmp_path: Path):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_ns_listening(tb.inet, 8000, srv)
-        wait_ns_listening(tb.vps, 8001, vsrv)
+        wait_listening("[::]", 8000, proc=srv, prefix=tb.inet.prefix())
+        wait_listening("[::]", 8001, proc=vsrv, prefix=tb.vps.prefix())
         for ns, url in [
             (tb.lan, f"http://{INET_HOST_V4}:8000/"),
             (tb.lan, f"http://[{INET_HOST_V6}]:8000/"),
@@ -147,7 +126,7 @@ def test_tcp_fallback_when_mptcp_disabled(tmp_path: Path, key_file: Path):
             stderr=subprocess.STDOUT,
         )
         for port, p in ((8000, web), (8443, srv), (1080, cli)):
-            wait_ns_listening(ns, port, p)
+            wait_listening("[::]", port, proc=p, prefix=ns.prefix())
         r = ns.exec(
             "curl",
             "-s",

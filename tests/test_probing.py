@@ -22,7 +22,8 @@ import pytest
 from mptun.common.address import Address
 from mptun.common.crypto import TAG_LEN
 from mptun.common.handshake import REQUEST_FIXED_LEN, SALT_LEN
-from tests.servers import ServerProcess, closing_target, delta, exchange, flight
+from tests.helpers import ServerProcess
+from tests.peers import closing_target, delta, exchange, flight
 
 DEADLINE = 2.0  # the server's --handshake-timeout in these tests
 AUTH_AT = SALT_LEN + REQUEST_FIXED_LEN + TAG_LEN  # bytes the server needs to authenticate
@@ -71,9 +72,10 @@ async def probe_all(port: int, cases: dict[str, bytes], fin: bool) -> dict[str, 
 
 @pytest.fixture
 def server(tmp_path: Path, key_file: Path):
-    srv = ServerProcess(tmp_path, key_file, "--handshake-timeout", str(DEADLINE), "--allow-private")
-    yield srv
-    srv.stop()
+    with ServerProcess(
+        tmp_path, key_file, "--handshake-timeout", str(DEADLINE), "--allow-private"
+    ) as srv:
+        yield srv
 
 
 def make_cases(srv: ServerProcess, target: Address) -> tuple[dict[str, bytes], dict[str, int]]:
@@ -102,15 +104,23 @@ def make_cases(srv: ServerProcess, target: Address) -> tuple[dict[str, bytes], d
     return cases, expect
 
 
-def test_failed_first_flights_all_look_the_same(server: ServerProcess) -> None:
+def probe_burst(server: ServerProcess, fin: bool) -> tuple[dict, dict, dict[str, Outcome], dict]:
+    """Every case of `make_cases` at once, a closing target behind the server: the cases, the
+    counts they should move, each probe's outcome and how the counters moved. Asserts what every
+    probe must see: no byte back and a clean close."""
     with closing_target() as tport:
         target = Address.parse(f"127.0.0.1:{tport}")
         cases, expect = make_cases(server, target)
         before = server.counters()
-        results = asyncio.run(probe_all(server.port, cases, fin=False))
+        results = asyncio.run(probe_all(server.port, cases, fin=fin))
         after = server.counters()
     bad = {k: r for k, r in results.items() if r.received or r.end != "eof"}
     assert not bad, f"bytes back or not a clean close: {bad}"
+    return cases, expect, results, delta(after, before)
+
+
+def test_failed_first_flights_all_look_the_same(server: ServerProcess) -> None:
+    cases, expect, results, moved = probe_burst(server, fin=False)
     # The server accepts after connect() was called: a close at accept + DEADLINE is never seen
     # earlier than DEADLINE after that call, give or take uvloop's 1 ms timer resolution.
     early = {k: r.seconds for k, r in results.items() if r.seconds < DEADLINE - 0.005}
@@ -118,9 +128,9 @@ def test_failed_first_flights_all_look_the_same(server: ServerProcess) -> None:
     # A wide upper bound: 2 shared cores and ~700 connections at once.
     late = {k: r.seconds for k, r in results.items() if r.seconds > DEADLINE + 3}
     assert not late, f"closed long after the deadline: {late}"
-    assert delta(after, before) == expect
+    assert moved == expect
     # Logged once per burst, not once per probe.
-    lines = [ln for ln in server.proc.log().splitlines() if "absorbing" in ln or "timed out" in ln]
+    lines = [ln for ln in server.log().splitlines() if "absorbing" in ln or "timed out" in ln]
     assert 1 <= len(lines) <= 3, lines
     spread = sorted(r.seconds for r in results.values())
     print(f"{len(cases)} probes without FIN: {expect}; closed {spread[0]:.3f}-{spread[-1]:.3f} s")
@@ -128,28 +138,16 @@ def test_failed_first_flights_all_look_the_same(server: ServerProcess) -> None:
 
 def test_half_closed_probes_end_at_the_fin(tmp_path: Path, key_file: Path) -> None:
     """A prober that sends FIN gets a FIN back right away, whatever the failure (no RST)."""
-    server = ServerProcess(tmp_path, key_file, "--handshake-timeout", "20", "--allow-private")
-    try:
-        _half_closed(server)
-    finally:
-        server.stop()
-
-
-def _half_closed(server: ServerProcess) -> None:
-    with closing_target() as tport:
-        target = Address.parse(f"127.0.0.1:{tport}")
-        cases, _ = make_cases(server, target)
-        before = server.counters()
-        results = asyncio.run(probe_all(server.port, cases, fin=True))
-        after = server.counters()
-    bad = {k: r for k, r in results.items() if r.received or r.end != "eof"}
-    assert not bad, f"bytes back or not a clean close: {bad}"
+    with ServerProcess(
+        tmp_path, key_file, "--handshake-timeout", "20", "--allow-private"
+    ) as server:
+        cases, _, results, moved = probe_burst(server, fin=True)
     slow = {k: r.seconds for k, r in results.items() if r.seconds > 10}
     assert not slow, f"held until the deadline although the prober closed: {slow}"
     complete = [k for k in cases if not k.startswith(("prefix", "random-"))]
     long_random = [n for n in RANDOM_LENGTHS if n >= AUTH_AT]
     flips = len([k for k in cases if k.startswith("flip")])
-    assert delta(after, before) == {
+    assert moved == {
         "auth": flips + len(long_random) + 1,  # + the reflected response
         "replay": 1,
         "clock": 1,

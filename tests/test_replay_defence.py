@@ -7,6 +7,7 @@ import signal
 import socket
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ import pytest
 from mptun.common.address import Address
 from mptun.common.errors import ProtocolError, Status
 from mptun.common.replay import ReplayGuard, load_file, save_file
-from tests.servers import ServerProcess, closing_target, delta, exchange, flight
+from tests.helpers import ServerProcess
+from tests.peers import closing_target, delta, exchange, flight
 
 W = 60.0
 
@@ -114,22 +116,18 @@ def test_cache_file_round_trip(tmp_path: Path) -> None:
 # -- the server process ------------------------------------------------------------------------
 
 
-def test_sighup_keeps_the_cache(tmp_path: Path, key_file: Path) -> None:
-    srv = ServerProcess(tmp_path, key_file, "--allow-private")
-    try:
-        with closing_target() as tport:
-            hs = flight(srv.psk, Address.parse(f"127.0.0.1:{tport}"))
-            good = hs.first_flight()
-            exchange(srv.port, good, hs)
-            os.kill(srv.proc.pid, signal.SIGHUP)
-            before = srv.wait_counter("reload", 1)
-            assert before["reload"] == 1
-            srv_replay(srv.port, good)
-            after = srv.wait_counter("replay", before.get("replay", 0) + 1)
+def test_sighup_keeps_the_cache(tmp_path: Path, key_file: Path, target: Address) -> None:
+    with ServerProcess(tmp_path, key_file, "--allow-private") as srv:
+        hs = flight(srv.psk, target)
+        good = hs.first_flight()
+        exchange(srv.port, good, hs)
+        os.kill(srv.pid, signal.SIGHUP)
+        before = srv.wait_counter("reload", 1)
+        assert before["reload"] == 1
+        srv_replay(srv.port, good)
+        after = srv.wait_counter("replay", before.get("replay", 0) + 1)
         assert delta(after, before) == {"replay": 1}
         assert srv.stats()["replay"]["size"] == 1
-    finally:
-        srv.stop()
 
 
 def srv_replay(port: int, data: bytes) -> None:
@@ -140,72 +138,62 @@ def srv_replay(port: int, data: bytes) -> None:
         assert s.recv(1) == b""
 
 
-def test_restart_with_replay_file_still_refuses_the_replay(tmp_path: Path, key_file: Path) -> None:
+def refused(srv: ServerProcess, data: bytes, status: str) -> dict[str, int]:
+    """`srv_replay` a flight, wait until `status` has counted once: how the counters moved."""
+    before = srv.counters()
+    srv_replay(srv.port, data)
+    after = srv.wait_counter(status, 1)
+    return delta(after, before)
+
+
+@pytest.fixture
+def target() -> Iterator[Address]:
+    """A loopback target that accepts and closes at once."""
+    with closing_target() as port:
+        yield Address.parse(f"127.0.0.1:{port}")
+
+
+def test_restart_with_replay_file_still_refuses_the_replay(
+    tmp_path: Path, key_file: Path, target: Address
+) -> None:
     cache = tmp_path / "replay"
-    with closing_target() as tport:
-        first = ServerProcess(tmp_path, key_file, "--allow-private", "--replay-file", str(cache))
-        hs = flight(first.psk, Address.parse(f"127.0.0.1:{tport}"))
-        good = hs.first_flight()
-        exchange(first.port, good, hs)
-        assert first.stop() == 0
-        assert cache.exists()
-        second = ServerProcess(tmp_path, key_file, "--allow-private", "--replay-file", str(cache))
-        try:
-            assert second.stats()["replay"]["size"] == 1
-            before = second.counters()
-            srv_replay(second.port, good)
-            after = second.wait_counter("replay", 1)
-            assert delta(after, before) == {"replay": 1}
-        finally:
-            second.stop()
+    first = ServerProcess(tmp_path, key_file, "--allow-private", "--replay-file", str(cache))
+    hs = flight(first.psk, target)
+    good = hs.first_flight()
+    exchange(first.port, good, hs)
+    assert first.stop() == 0
+    assert cache.exists()
+    with ServerProcess(
+        tmp_path, key_file, "--allow-private", "--replay-file", str(cache)
+    ) as second:
+        assert second.stats()["replay"]["size"] == 1
+        assert refused(second, good, "replay") == {"replay": 1}
 
 
 def test_restart_without_file_refuses_flights_stamped_before_start(
-    tmp_path: Path, key_file: Path
+    tmp_path: Path, key_file: Path, target: Address
 ) -> None:
     """A flight made (and maybe accepted) before this process started is refused as CLOCK."""
-    with closing_target() as tport:
-        target = Address.parse(f"127.0.0.1:{tport}")
-        made_at = time.time() - 2  # well inside the 60 s window, but before the start
-        srv = ServerProcess(tmp_path, key_file, "--allow-private")
-        try:
-            before = srv.counters()
-            srv_replay(srv.port, flight(srv.psk, target, clock=lambda: made_at).first_flight())
-            after = srv.wait_counter("clock", 1)
-            assert delta(after, before) == {"clock": 1}
-        finally:
-            srv.stop()
+    made_at = time.time() - 2  # well inside the 60 s window, but before the start
+    with ServerProcess(tmp_path, key_file, "--allow-private") as srv:
+        stale = flight(srv.psk, target, clock=lambda: made_at).first_flight()
+        assert refused(srv, stale, "clock") == {"clock": 1}
 
 
-def test_full_cache_refuses_silently(tmp_path: Path, key_file: Path) -> None:
-    srv = ServerProcess(tmp_path, key_file, "--allow-private", "--replay-capacity", "2")
-    try:
-        with closing_target() as tport:
-            target = Address.parse(f"127.0.0.1:{tport}")
-            for _ in range(2):
-                hs = flight(srv.psk, target)
-                exchange(srv.port, hs.first_flight(), hs)
-            before = srv.counters()
-            srv_replay(srv.port, flight(srv.psk, target).first_flight())
-            after = srv.wait_counter("replay-full", 1)
-        assert delta(after, before) == {"replay-full": 1}
-    finally:
-        srv.stop()
+def test_full_cache_refuses_silently(tmp_path: Path, key_file: Path, target: Address) -> None:
+    with ServerProcess(tmp_path, key_file, "--allow-private", "--replay-capacity", "2") as srv:
+        for _ in range(2):
+            hs = flight(srv.psk, target)
+            exchange(srv.port, hs.first_flight(), hs)
+        fresh = flight(srv.psk, target).first_flight()
+        assert refused(srv, fresh, "replay-full") == {"replay-full": 1}
 
 
-def test_replay_window_option(tmp_path: Path, key_file: Path) -> None:
+def test_replay_window_option(tmp_path: Path, key_file: Path, target: Address) -> None:
     """--replay-window sets the accepted clock difference (here 5 s: 3 s ahead passes, 10 not)."""
-    srv = ServerProcess(tmp_path, key_file, "--allow-private", "--replay-window", "5")
-    try:
-        with closing_target() as tport:
-            target = Address.parse(f"127.0.0.1:{tport}")
-            ahead = flight(srv.psk, target, clock=lambda: time.time() + 3)
-            exchange(srv.port, ahead.first_flight(), ahead)  # answered: inside the window
-            before = srv.counters()
-            far = flight(srv.psk, target, clock=lambda: time.time() + 10).first_flight()
-            srv_replay(srv.port, far)
-            after = srv.wait_counter("clock", 1)
-        assert delta(after, before) == {"clock": 1}
+    with ServerProcess(tmp_path, key_file, "--allow-private", "--replay-window", "5") as srv:
+        ahead = flight(srv.psk, target, clock=lambda: time.time() + 3)
+        exchange(srv.port, ahead.first_flight(), ahead)  # answered: inside the window
+        far = flight(srv.psk, target, clock=lambda: time.time() + 10).first_flight()
+        assert refused(srv, far, "clock") == {"clock": 1}
         assert srv.stats()["replay"]["window"] == 5
-    finally:
-        srv.stop()

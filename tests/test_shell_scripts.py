@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need
-from tests.helpers import ROOT
+from tests.helpers import ROOT, need
 
 SHELLS = ("sh", "bash", "dash", "ash", "/etc/rc.common")
 

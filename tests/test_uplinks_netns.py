@@ -9,21 +9,13 @@ import time
 
 import pytest
 
-from mptun.lab.netns import Netns, have_mptcp, have_netns
+from mptun.lab.netns import Netns
 from mptun.lab.rig import mptun_argv
 from mptun.lab.testbed import Testbed
 
-pytestmark = [pytest.mark.root, pytest.mark.netns]
+pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.usefixtures("needs_mptcp_testbed")]
 
 UPLINKS = ("wan1", "wan2", "wan3")
-
-
-@pytest.fixture(autouse=True)
-def _requirements() -> None:
-    for ok, why in (have_netns(), have_mptcp()):
-        if not ok:
-            pytest.skip(why)
-    pytest.importorskip("pyroute2", reason="pyroute2 is not installed (the `test` extra has it)")
 
 
 @pytest.fixture

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, sha256_of_stream
+from tests.helpers import ROOT, free_port, wait_listening
 from tests.isolated import IsolatedRoot
+from tests.peers import sha256_of_stream
 
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.slow]
 
@@ -95,7 +96,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     wheel = next(wheelhouse.glob("mptun-*.whl"))
     root = IsolatedRoot()
     try:
-        port = root.free_port()
+        port = free_port(prefix=root.prefix())
         inst = Installed(root, port, "", wheelhouse, _installer_python(), tmp)
         r = inst.install(
             "--from", str(wheel), "--python", inst.python, "--listen", f"127.0.0.1:{port}"
@@ -186,12 +187,12 @@ def test_server_from_unit_reaches_client(installed: Installed, tmp_path: Path) -
     try:
         server = root.popen([*as_service_user, *argv], tmp_path / "server.log", env)
         procs.append(server)
-        root.wait_listening(installed.port)
+        wait_listening("127.0.0.1", installed.port, 20, prefix=root.prefix())
         peer = root.popen(
             [
                 sys.executable,
                 "-c",
-                "import sys, time; from tests.helpers import http_server\n"
+                "import sys, time; from tests.peers import http_server\n"
                 "with http_server() as (h, p):\n"
                 "    print(p, flush=True); time.sleep(600)",
             ],
@@ -202,7 +203,7 @@ def test_server_from_unit_reaches_client(installed: Installed, tmp_path: Path) -
         procs.append(peer)
         assert peer.stdout is not None
         http_port = int(peer.stdout.readline())
-        socks = root.free_port()
+        socks = free_port(prefix=root.prefix())
         key_copy = tmp_path / "client.key"
         key_copy.write_text(root.read("/etc/mptun/key"))
         key_copy.chmod(0o600)
@@ -223,7 +224,7 @@ def test_server_from_unit_reaches_client(installed: Installed, tmp_path: Path) -
             {"PYTHONPATH": str(ROOT)},
         )
         procs.append(client)
-        root.wait_listening(socks)
+        wait_listening("127.0.0.1", socks, 20, prefix=root.prefix())
         size = 3_000_000
         r = root.run(
             [

@@ -7,14 +7,13 @@ addresses, so a case is written once. On loopback every role is this host and 12
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 
 from mptun.lab.netns import NetnsError, have_mptcp, have_netns, run
 from mptun.lab.testbed import INET_HOST_V4, LAN_ROUTER_V4, SERVER_V4, Testbed
+from mptun.lab.wait import free_port, wait_listening
 
 SHAPED_MBIT = (100, 60, 40)
 _NAT_RULES = """
@@ -49,7 +48,7 @@ class Environment:
 
     def port(self, role: str) -> int:
         """A port for a listener in `role`."""
-        return _free_port()
+        return free_port()
 
     def popen(self, role: str, cmd: Sequence[str], **kw) -> subprocess.Popen:
         kw.setdefault("stdin", subprocess.DEVNULL)
@@ -86,21 +85,14 @@ class Environment:
             self.procs.remove(p)
 
     def wait_listening(self, role: str, host: str, port: int, proc: subprocess.Popen) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise BenchError(
-                    f"{proc.args[len(self.prefix(role))]} exited with {proc.returncode}"
-                )
-            if self._listening(role, host, port):
-                return
-            time.sleep(0.05)
-        raise BenchError(f"nothing listens on {host}:{port} in {role} after 15 s")
-
-    def _listening(self, role: str, host: str, port: int) -> bool:
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            return s.connect_ex((host, port)) == 0
+        """Until `port` listens in `role` (a connection on loopback, `ss` in a namespace)."""
+        try:
+            wait_listening(host, port, 15, proc, prefix=self.prefix(role))
+        except RuntimeError:
+            name = proc.args[len(self.prefix(role))]
+            raise BenchError(f"{name} exited with {proc.returncode}") from None
+        except TimeoutError:
+            raise BenchError(f"nothing listens on {host}:{port} in {role} after 15 s") from None
 
     def set_shaped(self, shaped: bool) -> None:
         if shaped:
@@ -147,7 +139,8 @@ class NetnsEnv(Environment):
 
     def _uplink_routing(self) -> None:
         """`mptun uplinks wan1 wan2 wan3` in the router: a table, rules and an MPTCP endpoint
-        per uplink (FACTS.md: without them every extra subflow leaves by the default route)."""
+        per uplink (docs/MULTIPATH.md: without them every extra subflow leaves by the default
+        route)."""
         r = self.bed.router
         assert r is not None
         names = [up.router_if for up in self.bed.uplinks]
@@ -171,10 +164,6 @@ class NetnsEnv(Environment):
     def port(self, role: str) -> int:
         self._next_port += 1  # the namespaces are ours alone: no other listener can collide
         return self._next_port
-
-    def _listening(self, role: str, host: str, port: int) -> bool:
-        r = run([*self.prefix(role), "ss", "-Hltn", f"sport = :{port}"], check=False)
-        return bool(r.stdout.strip())
 
     def set_shaped(self, shaped: bool) -> None:
         for up, rate in zip(self.bed.uplinks, SHAPED_MBIT, strict=True):
@@ -219,9 +208,3 @@ def open_environment(mode: str) -> Environment:
         if mode == "netns":
             raise BenchError(f"cannot build the test bed: {why}")
     return LoopbackEnv()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -33,6 +33,7 @@ from mptun.lab.testbed import (
     SERVER_V6,
     Testbed,
 )
+from mptun.lab.wait import wait_listening
 
 SERVER_PORT = 8443
 SOCKS_PORT = 1080
@@ -42,18 +43,6 @@ TRAFFIC_PORT = 9000
 def mptun_argv(*args: str) -> list[str]:
     """Run this mptun (the same interpreter and package) inside a namespace."""
     return [sys.executable, "-m", "mptun", *args]
-
-
-def wait_listening(ns: Netns, port: int, proc: subprocess.Popen, timeout: float = 15) -> None:
-    """Poll `ss` in the namespace until something listens on `port` (never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited ({proc.returncode}) before listening on {port}")
-        if ns.exec("ss", "-Htln", f"sport = :{port}").stdout.strip():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on :{port} in {ns.name} after {timeout} s")
 
 
 @dataclass
@@ -143,9 +132,9 @@ class Rig:
             ),
             stdout=self.log("client"), stderr=subprocess.STDOUT,
         )  # fmt: skip
-        wait_listening(tb.vps, SERVER_PORT, srv)
-        wait_listening(tb.inet, TRAFFIC_PORT, peer)
-        wait_listening(tb.router, SOCKS_PORT, cli)
+        wait_listening("[::]", SERVER_PORT, 15, srv, prefix=tb.vps.prefix())
+        wait_listening("[::]", TRAFFIC_PORT, 15, peer, prefix=tb.inet.prefix())
+        wait_listening(str(LAN_ROUTER_V4), SOCKS_PORT, 15, cli, prefix=tb.router.prefix())
 
     def configure_uplinks(self) -> str:
         """`mptun uplinks` once (returns what it printed), or `--watch` in the background

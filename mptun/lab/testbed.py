@@ -177,8 +177,8 @@ class Testbed:
 
     def _veth(self, a: Netns, a_if: str, b: Netns, b_if: str) -> None:
         # Created inside `a` with the peer placed straight into `b`: no names in the root
-        # namespace, so parallel runs never collide. `name` is explicit (FACTS: a bare name can
-        # parse as a keyword).
+        # namespace, so parallel runs never collide. `name` is explicit: `ip link add a type
+        # veth ...` fails, ip(8) parses a bare `a` as the `address` keyword.
         a.ip(
             "link",
             "add",

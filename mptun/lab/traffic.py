@@ -27,6 +27,7 @@ from pathlib import Path
 
 from mptun.common.address import Address
 from mptun.common.errors import MptunError
+from mptun.lab.wait import family_of
 
 BLOCK = 1_048_573  # a prime just under 1 MiB
 CHUNK = 256 * 1024
@@ -83,8 +84,7 @@ def _serve_one(conn: socket.socket, pat: memoryview) -> None:
 
 def serve(listen: Address) -> None:
     pat = memoryview(pattern())
-    family = socket.AF_INET6 if ":" in str(listen.host) else socket.AF_INET
-    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv = socket.socket(family_of(str(listen.host)), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(listen.sockaddr())
     srv.listen(16)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from mptun.common.address import Address  # noqa: E402
 from mptun.common.crypto import load_key_file  # noqa: E402
 from tests.helpers import wait_listening  # noqa: E402
-from tests.servers import connect_status  # noqa: E402
+from tests.peers import connect_status  # noqa: E402
 
 
 def sh(*args: str) -> None:

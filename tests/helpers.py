@@ -1,9 +1,9 @@
-"""Test plumbing, one place for each thing (issue 21):
+"""Test plumbing, one place for each thing:
 
 - tests/helpers.py (this module): ports and waiting (from mptun.lab.wait, the one copy shared with
-  the lab and the benchmark), mptun processes (`MptunProcess`, and on top of it `ServerProcess`
-  and `ClientProcess`, which `mptun_pair` in tests/conftest.py starts too), stats dumps, `curl`,
-  `need`;
+  the lab and the benchmark), connected loopback socket pairs, mptun processes (`MptunProcess`,
+  and on top of it `ServerProcess` and `ClientProcess`, which `mptun_pair` in tests/conftest.py
+  starts too), stats dumps, `curl`, `need`;
 - tests/peers.py: what a test puts at either end of mptun: HTTP, stream, closing and DNS peers, a
   SOCKS5 client and hand-made tunnel first flights; `python -m tests.peers` runs peers inside
   test-bed namespaces;
@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,28 @@ from mptun.common.address import Address, ip_or_name
 from mptun.common.crypto import load_key_file
 from mptun.common.stats import read_stats
 from mptun.lab.wait import SLOWDOWN, family_of, free_port, wait_listening
+
+
+def loopback_pair(
+    proto: int = 0, listener_proto: int | None = None, blocking: bool = True
+) -> tuple[socket.socket, socket.socket]:
+    """A connected (client, server) pair on 127.0.0.1: real TCP, so resets are real RSTs.
+
+    `proto` is the client socket's (IPPROTO_MPTCP for MPTCP), `listener_proto` the listener's
+    (the same by default: 0 with an MPTCP client is a peer that does not speak MPTCP).
+    """
+    with socket.socket(
+        socket.AF_INET, socket.SOCK_STREAM, proto if listener_proto is None else listener_proto
+    ) as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(1)
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+        client.connect(ls.getsockname())
+        server, _ = ls.accept()
+    for s in (client, server):
+        s.setblocking(blocking)
+    return client, server
+
 
 __all__ = [
     "ROOT",

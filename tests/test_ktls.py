@@ -22,9 +22,9 @@ from mptun.common.records import Opener, Sealer
 from mptun.common.relay import AeadEngine, KtlsEngine, Session
 from mptun.common.relay.bulk import AutoEngine, choose_bulk
 from mptun.common.sockets import IPPROTO_MPTCP, is_mptcp
-from tests.helpers import curl, need
+from tests.helpers import curl, loopback_pair, need
 from tests.peers import http_server, sha256_of_stream
-from tests.test_relay_aead import read_all, send_all, sessions, tcp_pair
+from tests.test_relay_aead import read_all, send_all, sessions
 
 NO_KTLS = ktls.probe()
 pytestmark = pytest.mark.skipif(
@@ -34,26 +34,19 @@ pytestmark = pytest.mark.skipif(
 
 def mptcp_pair(listener_proto: int = IPPROTO_MPTCP) -> tuple[socket.socket, socket.socket]:
     """A loopback pair whose client socket is MPTCP (the listener MPTCP or plain TCP)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, listener_proto) as ls:
-        ls.bind(("127.0.0.1", 0))
-        ls.listen(1)
-        a = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
-        a.connect(ls.getsockname())
-        b, _ = ls.accept()
-    for s in (a, b):
-        s.setblocking(False)
-    return a, b
+    return loopback_pair(IPPROTO_MPTCP, listener_proto, blocking=False)
 
 
-def relay_both_ways(client_engine, server_engine, cipher: str, pair=tcp_pair, size=2 << 20):
-    """Run two encrypted ends over `pair()`, data both ways at once; return both stats."""
+def relay_both_ways(client_engine, server_engine, cipher: str, pair=None, size=2 << 20):
+    """Run two encrypted ends over `pair()` (a loopback TCP pair by default), data both ways at
+    once; return both stats."""
     up, down = os.urandom(size), os.urandom(size - 12345)
 
     async def main():
         loop = asyncio.get_running_loop()
-        app_c, inner_c = tcp_pair()
-        tun_c, tun_s = pair()
-        inner_s, app_s = tcp_pair()
+        app_c, inner_c = loopback_pair(blocking=False)
+        tun_c, tun_s = pair() if pair else loopback_pair(blocking=False)
+        inner_s, app_s = loopback_pair(blocking=False)
         client, server = sessions(cipher)
         relays = asyncio.gather(
             client_engine.relay(loop, inner_c, tun_c, session=client),
@@ -89,8 +82,8 @@ def test_handover_after_records_sealed_in_user_space() -> None:
 
     async def main():
         loop = asyncio.get_running_loop()
-        app, inner = tcp_pair()
-        tun_c, tun_s = tcp_pair()
+        app, inner = loopback_pair(blocking=False)
+        tun_c, tun_s = loopback_pair(blocking=False)
         client, server = sessions()
         first = Sealer(client.cipher, *client.tx_key_iv())  # type: ignore[arg-type]
         early = b"".join(first.seal(b"early %d;" % i) for i in range(3))

@@ -13,19 +13,9 @@ import pytest
 from mptun.common.relay import CopyEngine, SpliceEngine, available_engines
 from mptun.common.relay.splice import make_pipe
 from mptun.common.sockets import IPPROTO_MPTCP
+from tests.helpers import loopback_pair
 
 ENGINES = {"splice": SpliceEngine, "copy": CopyEngine}
-
-
-def tcp_pair(proto: int = 0) -> tuple[socket.socket, socket.socket]:
-    """A connected (client, server) pair on loopback; `proto` IPPROTO_MPTCP for MPTCP."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto) as lst:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
-        c.connect(lst.getsockname())
-        s, _ = lst.accept()
-    return c, s
 
 
 def open_fds() -> int:
@@ -36,8 +26,8 @@ class Setup:
     """app_a <-> inner [relay] tunnel <-> app_b."""
 
     def __init__(self, proto: int = 0) -> None:
-        self.app_a, self.inner = tcp_pair()
-        self.tunnel, self.app_b = tcp_pair(proto)
+        self.app_a, self.inner = loopback_pair()
+        self.tunnel, self.app_b = loopback_pair(proto)
         for s in (self.inner, self.tunnel):
             s.setblocking(False)
 
@@ -229,8 +219,8 @@ def test_dead_mptcp_tunnel_is_noticed_and_the_inner_leg_reset(engine):
 def test_live_subflows_answers_only_for_mptcp():
     from mptun.common.mptcpinfo import live_subflows
 
-    a, b = tcp_pair(IPPROTO_MPTCP)
-    c, d = tcp_pair()
+    a, b = loopback_pair(IPPROTO_MPTCP)
+    c, d = loopback_pair()
     try:
         assert live_subflows(a) == 1 and live_subflows(b) == 1
         assert live_subflows(c) is None

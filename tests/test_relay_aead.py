@@ -22,6 +22,7 @@ from mptun.common.relay.aead import AeadEngine
 from mptun.common.relay.ktls import KtlsEngine
 from mptun.common.relay.session import Session, Side
 from mptun.common.relay.splice import SpliceEngine
+from tests.helpers import loopback_pair
 
 NO_KTLS = ktls.probe()
 ENGINES = [
@@ -34,18 +35,6 @@ ENGINES = [
         ),
     ),
 ]
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected loopback TCP pair (non-blocking), so resets are real RSTs."""
-    with socket.socket() as ls:
-        ls.bind(("127.0.0.1", 0))
-        ls.listen(1)
-        a = socket.create_connection(ls.getsockname())
-        b, _ = ls.accept()
-    for s in (a, b):
-        s.setblocking(False)
-    return a, b
 
 
 def sessions(cipher: str = "aes-256-gcm") -> tuple[Session, Session]:
@@ -87,9 +76,9 @@ def test_two_aead_ends_carry_data_both_ways_at_once(cipher: str) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        app_c, inner_c = tcp_pair()
-        tun_c, tun_s = tcp_pair()
-        inner_s, app_s = tcp_pair()
+        app_c, inner_c = loopback_pair(blocking=False)
+        tun_c, tun_s = loopback_pair(blocking=False)
+        inner_s, app_s = loopback_pair(blocking=False)
         client, server = sessions(cipher)
         relays = asyncio.gather(
             AeadEngine().relay(loop, inner_c, tun_c, session=client),
@@ -128,8 +117,8 @@ def run_client_relay(scenario, engine=AeadEngine) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        app, inner = tcp_pair()
-        tun, far_sock = tcp_pair()
+        app, inner = loopback_pair(blocking=False)
+        tun, far_sock = loopback_pair(blocking=False)
         client, server = sessions()
         task = asyncio.ensure_future(engine().relay(loop, inner, tun, session=client))
         await asyncio.sleep(0)  # the engine starts (kTLS: keys installed) before the far end acts
@@ -264,8 +253,8 @@ def test_plain_bytes_on_an_encrypted_tunnel_reset_it(engine) -> None:
 def test_record_limit_ends_the_connection_with_a_reset(engine) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        app, inner = tcp_pair()
-        tun, far_sock = tcp_pair()
+        app, inner = loopback_pair(blocking=False)
+        tun, far_sock = loopback_pair(blocking=False)
         client, _ = sessions()
         task = asyncio.ensure_future(engine(record_limit=4).relay(loop, inner, tun, session=client))
         # kTLS counts an upper bound (a splice may close a record early): send plenty
@@ -281,7 +270,7 @@ def test_record_limit_ends_the_connection_with_a_reset(engine) -> None:
 def test_plain_engines_refuse_an_encrypted_session() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        a, b = tcp_pair()
+        a, b = loopback_pair(blocking=False)
         client, _ = sessions()
         with pytest.raises(Exception, match="cannot carry encrypted"):
             await SpliceEngine().relay(loop, a, b, session=client)

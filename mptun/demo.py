@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from mptun.commands.options import Number, env
+from mptun.commands.options import Number, option
 from mptun.lab.netns import have_mptcp
 from mptun.lab.rig import SERVER_PORT, Rig, mptun_argv
 from mptun.lab.testbed import SERVER_V4, Testbed, diagram
@@ -86,19 +86,15 @@ def _teardown_guard() -> Iterator[None]:
 
 
 @click.command()
-@click.option(
-    "--seconds",
+@option(
+    "seconds",
     type=Number(3, 120),
     default=10,
-    show_default=True,
-    envvar=env("seconds"),
     help="How long the transfer runs.",
 )
-@click.option(
-    "--rates",
+@option(
+    "rates",
     default="100,60,40",
-    show_default=True,
-    envvar=env("rates"),
     callback=lambda ctx, param, value: _parse_rates(value, param),
     help="Mbit/s of each uplink (one to three), shaped with tbf both ways.",
 )

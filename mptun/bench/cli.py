@@ -16,93 +16,76 @@ from mptun.bench import report
 from mptun.bench.cases import all_cases
 from mptun.bench.env import BenchError, open_environment
 from mptun.bench.runner import Progress, Runner, Settings
-from mptun.commands.options import Number, OutputFile, env
+from mptun.commands.options import Number, OutputFile, option
 from mptun.common.errors import ConfigError, MptunError
 
 
 @click.command()
-@click.option(
-    "--mode",
+@option(
+    "mode",
     type=click.Choice(["auto", "netns", "loopback"]),
     default="auto",
-    show_default=True,
-    envvar=env("mode"),
     help="netns: the 3-uplink namespace test bed (root); loopback: everything on 127.0.0.1, "
     "raw links only; auto: netns when possible.",
 )
-@click.option(
-    "--seconds",
+@option(
+    "seconds",
     type=Number(0.5, 600),
     default=5.0,
-    show_default=True,
-    envvar=env("seconds"),
     help="Length of each bulk transfer.",
 )
-@click.option(
-    "--runs",
+@option(
+    "runs",
     type=click.IntRange(min=1, max=50),
     default=3,
-    show_default=True,
-    envvar=env("runs"),
     help="Transfers per case, link and direction (the table shows median and spread).",
 )
-@click.option(
+@option(
+    "cases",
     "--cases",
     "case_ids",
-    envvar=env("cases"),
     help="Comma-separated case ids to run (default: all available). See --list.",
 )
-@click.option(
-    "--links",
+@option(
+    "links",
     type=click.Choice(["both", "raw", "shaped"]),
     default="both",
-    show_default=True,
-    envvar=env("links"),
     help="Unshaped links, the 100/60/40 Mbit shaped uplinks, or both.",
 )
-@click.option(
-    "--idle-connections",
+@option(
+    "idle-connections",
     type=click.IntRange(min=0, max=5000),
     default=1000,
-    show_default=True,
-    envvar=env("idle-connections"),
     help="Idle tunneled connections for the RSS measurement (0: skip it).",
 )
-@click.option(
-    "--connrate-seconds",
+@option(
+    "connrate-seconds",
     type=Number(0, 600),
     default=3.0,
-    show_default=True,
-    envvar=env("connrate-seconds"),
     help="Length of the connection-rate measurement (0: skip it).",
 )
-@click.option(
-    "--quick",
+@option(
+    "quick",
     is_flag=True,
-    envvar=env("quick"),
     help="A smoke run: 1 run of 1 s, 50 idle connections, 1 s of connection rate.",
 )
-@click.option(
+@option(
+    "json",
     "--json",
     "json_path",
     type=OutputFile(),
     default="bench.json",
-    show_default=True,
-    envvar=env("json"),
     help="Write every measurement here.",
 )
-@click.option(
+@option(
+    "chart",
     "--chart",
     "chart_path",
     type=OutputFile(),
     default="bench.png",
-    show_default=True,
-    envvar=env("chart"),
     help="Write a PNG chart here (needs the `chart` extra: matplotlib).",
 )
-@click.option(
-    "--list", "list_cases", is_flag=True, envvar=env("list"), help="List the cases and exit."
-)
+@option("list", "--list", "list_cases", is_flag=True, help="List the cases and exit.")
 def bench(
     mode,
     seconds,

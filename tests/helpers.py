@@ -28,7 +28,7 @@ import pytest
 from mptun.common.address import Address, ip_or_name
 from mptun.common.crypto import load_key_file
 from mptun.common.stats import read_stats
-from mptun.lab.wait import SLOWDOWN, family_of, free_port, wait_listening
+from mptun.lab.wait import SLOWDOWN, free_port, wait_listening
 
 
 def loopback_pair(
@@ -59,7 +59,6 @@ __all__ = [
     "MptunProcess",
     "ServerProcess",
     "curl",
-    "family_of",
     "free_port",
     "need",
     "read_stats_after_usr1",

@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from mptun.common.address import Address
 from mptun.common.crypto import DEFAULT_CIPHER, cipher_by_name
 from mptun.common.handshake import ClientHandshake, NeedData, Response, WireMode
-from mptun.lab.wait import family_of
+from mptun.common.sockets import family_of
 
 # --- the HTTP peer and its stream
 

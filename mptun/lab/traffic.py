@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mptun.common.address import Address
 from mptun.common.errors import MptunError
-from mptun.lab.wait import family_of
+from mptun.common.sockets import family_of
 
 BLOCK = 1_048_573  # a prime just under 1 MiB
 CHUNK = 256 * 1024

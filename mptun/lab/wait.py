@@ -16,14 +16,11 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mptun.common.sockets import family_of
+
 # How much slower than this machine the tests run: the QEMU guest (tests/test_vm.py) sets it,
 # since its software-emulated CPU starts a Python process in seconds, not milliseconds.
 SLOWDOWN = float(os.environ.get("MPTUN_TEST_SLOWDOWN", "1"))
-
-
-def family_of(host: str) -> socket.AddressFamily:
-    """AF_INET6 for an IPv6 literal, else AF_INET."""
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def free_port(host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> int:

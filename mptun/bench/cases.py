@@ -4,6 +4,10 @@ A case starts its relay processes (client end in the router, server end in the V
 the traffic generator reaches the far host: directly (routing) or through a SOCKS5 address.
 One reference case has no relay at all: the generator itself speaks MPTCP from the router to
 the VPS over the uplinks, the ceiling of the tunnel's transport on this kernel.
+
+The gateway cases (`gw-*`) run iperf3 from the lan host as a LAN user would, caught by an nft
+redirect in the router into `mptun client --redir`; beside mptun's engines they run the bench's
+reference relay (mptun/bench/reference.py) and iperf3 under mptcpize with no relay.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ SS_METHOD = "aes-256-gcm"
 
 @dataclass
 class Case:
-    """One path. `kind`: route, direct, mptun or sslibev; `args`: options for both relay ends."""
+    """One path. `kind`: route, direct, mptun, reference (mptun with the bench's reference
+    relay) or sslibev; `args`: options for both relay ends."""
 
     id: str
     label: str
@@ -35,6 +40,9 @@ class Case:
     idle: bool = False  # measure RSS per idle connection for this case
     connrate: bool = True  # measure connections per second for this case
     skip: str | None = None  # why it cannot run here
+    # "iperf3": iperf3 from the lan host, caught by an nft redirect into `mptun client --redir`
+    # (the router's gateway mode); "bench": the bench's own generator (through SOCKS5)
+    generator: str = "bench"
 
 
 @dataclass
@@ -48,6 +56,8 @@ class Running:
     target: tuple[str, int] | None = None  # its own far end (None: the bench's inet server)
     generator_args: tuple[str, ...] = ()
     pids: dict[str, int] = field(default_factory=dict)  # "client"/"server" -> PID
+    redirect_port: int | None = None  # the iperf3 server's port that the router redirects
+    redir: int | None = None  # the client's listener port
     procs: list[subprocess.Popen] = field(default_factory=list)
 
 
@@ -94,6 +104,58 @@ def all_cases() -> list[Case]:
         ),
         Case("ss-mptcp", "ss-libev mptcpize", "sslibev", idle=True, skip=mptcpize_skip),
         Case("ss-tcp", "ss-libev TCP", "sslibev", mptcp=False, skip=ss_skip),
+        *gateway_cases(mptcp_ok, no_mptcp),
+    ]
+
+
+def gateway_cases(mptcp_ok: bool, no_mptcp: str) -> list[Case]:
+    """iperf3 through the router's gateway mode (nft redirect -> `--redir`), the workload of a
+    LAN user; the reference relay (mptun/bench/reference.py) and the kernel's own MPTCP with no
+    relay (iperf3 under mptcpize, router -> VPS) as yardsticks."""
+    iperf = shutil.which("iperf3")
+    skip = None if iperf else "iperf3 is not installed (apt-get install iperf3)"
+    nft_skip = skip or (None if shutil.which("nft") else "nft is not installed (nftables)")
+    mp_skip = None if mptcp_ok else f"no MPTCP here: {no_mptcp}"
+    plain = ("--bulk", "plain")
+    gw = {"generator": "iperf3", "connrate": False}
+    return [
+        Case(
+            "gw-splice",
+            "iperf3 via --redir, splice MPTCP",
+            "mptun",
+            (*plain, "--relay", "splice"),
+            skip=nft_skip,
+            **gw,
+        ),
+        Case(
+            "gw-aead",
+            "iperf3 via --redir, aead MPTCP",
+            "mptun",
+            ("--bulk", "aead"),
+            skip=nft_skip,
+            **gw,
+        ),
+        Case(
+            "gw-reference",
+            "iperf3 via --redir, reference relay",
+            "reference",
+            plain,
+            skip=nft_skip,
+            **gw,
+        ),
+        Case(
+            "gw-mptcp-kernel",
+            "iperf3 mptcpize router->VPS, no relay",
+            "direct",
+            skip=skip
+            or mp_skip
+            or (
+                None
+                if shutil.which("mptcpize")
+                else "mptcpize is not installed (apt-get install mptcpize)"
+            ),
+            **gw,
+        ),
     ]
 
 
@@ -112,9 +174,12 @@ class Starter:
         if case.kind == "route":
             return Running(case)
         if case.kind == "direct":
-            return self._direct(case)
-        if case.kind == "mptun":
-            return self._mptun(case)
+            return self._direct_iperf3(case) if case.generator == "iperf3" else self._direct(case)
+        if case.kind in ("mptun", "reference"):
+            r = self._mptun(case)
+            if case.generator == "iperf3":
+                self._gateway(r)
+            return r
         return self._sslibev(case)
 
     def stop(self, running: Running) -> None:
@@ -143,14 +208,47 @@ class Starter:
         r.target = (host, port)
         return r
 
+    def _iperf3_server(self, r: Running, role: str, host: str, wrap: tuple[str, ...] = ()) -> int:
+        """An iperf3 server of this case alone in `role` (one test at a time, as the runs are)."""
+        port = self.env.port(role)
+        cmd = [*wrap, "iperf3", "-s", "-B", host, "-p", str(port)]
+        self._spawn(r, "iperf3", role, cmd, port, host)
+        r.pids.pop("iperf3")  # not a relay: no CPU column
+        return port
+
+    def _gateway(self, r: Running) -> None:
+        """iperf3 in the inet host; the router redirects what the lan host sends to its port
+        into the client's `--redir` listener, as `mptun nft` does for a LAN."""
+        try:
+            port = self._iperf3_server(r, "inet", self.env.target_host)
+            assert r.redir is not None
+            self.env.redirect(port, r.redir)
+        except BaseException:
+            self.stop(r)
+            raise
+        r.target, r.redirect_port, r.socks = (self.env.target_host, port), port, None
+
+    def _direct_iperf3(self, case: Case) -> Running:
+        """iperf3 under mptcpize at both ends, router -> VPS over the uplinks: no relay."""
+        r = Running(case, origin="router", generator_args=("mptcpize", "run"))
+        host = self.env.server_host
+        try:
+            port = self._iperf3_server(r, "vps", host, ("mptcpize", "run"))
+        except BaseException:
+            self.stop(r)
+            raise
+        r.target = (host, port)
+        return r
+
     def _mptun(self, case: Case) -> Running:
         env = self.env
         r = Running(case)
         transport = ("--transport", "mptcp" if case.mptcp else "tcp")
+        module = "mptun.bench.reference" if case.kind == "reference" else "mptun"
         mptun = [
             sys.executable,
             "-m",
-            "mptun",
+            module,
             "--log-level",
             os.environ.get("MPTUN_BENCH_RELAY_LOG", "warning"),
         ]
@@ -178,7 +276,7 @@ class Starter:
                 f"{env.server_host}:{sport}",
                 "--key-file",
                 str(self.key),
-                "--socks",
+                "--redir" if case.generator == "iperf3" else "--socks",
                 f"{env.socks_host}:{cport}",
                 # one LAN host opens every connection (the idle-RSS step holds 1000 at once)
                 "--socks-per-client",
@@ -193,6 +291,7 @@ class Starter:
             self.stop(r)
             raise
         r.socks = (env.socks_host, cport)
+        r.redir = cport
         return r
 
     def _sslibev(self, case: Case) -> Running:

@@ -15,7 +15,7 @@ import click
 from mptun.bench import report
 from mptun.bench.cases import all_cases
 from mptun.bench.env import BenchError, open_environment
-from mptun.bench.runner import Progress, Runner, Settings
+from mptun.bench.runner import Progress, Runner, Settings, loadavg
 from mptun.commands.options import Number, OutputFile, option
 from mptun.common.errors import ConfigError, MptunError
 
@@ -85,6 +85,13 @@ from mptun.common.errors import ConfigError, MptunError
     default="bench.png",
     help="Write a PNG chart here (needs the `chart` extra: matplotlib).",
 )
+@option(
+    "uplinks",
+    type=click.IntRange(min=1, max=3),
+    default=3,
+    help="Uplinks of the namespace test bed (MPTCP joins a subflow on each); 1: a single path. "
+    "Shaped links need all 3.",
+)
 @option("list", "--list", "list_cases", is_flag=True, help="List the cases and exit.")
 def bench(
     mode,
@@ -92,6 +99,7 @@ def bench(
     runs,
     case_ids,
     links,
+    uplinks,
     idle_connections,
     connrate_seconds,
     quick,
@@ -123,13 +131,22 @@ def bench(
         connrate_seconds=connrate_seconds,
         idle_connections=idle_connections,
     )
+    if uplinks != 3 and "shaped" in settings.links:
+        if links == "shaped":
+            raise ConfigError("--links shaped needs --uplinks 3 (one shaped link each)")
+        settings.links = ("raw",)
     for c in cases:
         if c.skip:
             click.echo(f"skipping {c.id}: {c.skip}", err=True)
     try:
-        environment = open_environment(mode)
+        environment = open_environment(mode, uplinks)
     except BenchError as e:
         raise MptunError(str(e)) from None
+    if not environment.gateway:
+        for c in cases:
+            if c.generator == "iperf3" and not c.skip:
+                c.skip = "needs the namespace test bed (an nft redirect in the router)"
+                click.echo(f"skipping {c.id}: {c.skip}", err=True)
     if environment.shaped_rates is None and "shaped" in settings.links:
         click.echo("loopback mode: no shaped links, raw only", err=True)
         settings.links = tuple(x for x in settings.links if x != "shaped")
@@ -160,11 +177,16 @@ def bench(
         "seconds": seconds,
         "runs": runs,
         "links": list(settings.links),
+        "uplinks": uplinks if environment.gateway else None,
+        "loadavg": loadavg(),
         "shaped_mbit": list(environment.shaped_rates or []),
         "cases": [{"id": c.id, "label": c.label, "skip": c.skip} for c in all_cases()],
     }
-    checks = report.targets(rows, results)
+    checks = report.targets(rows, results) + report.gateway_targets(rows)
     click.echo(report.table(rows, cases, results, meta))
+    gateway = report.gateway_table(rows, cases)
+    if gateway:
+        click.echo(gateway)
     click.echo(report.format_targets(checks))
     ctx = report.context(rows)
     if ctx:

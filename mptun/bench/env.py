@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from mptun.lab.netns import NetnsError, have_mptcp, have_netns, run
 from mptun.lab.testbed import INET_HOST_V4, LAN_ROUTER_V4, SERVER_V4, Testbed
-from mptun.lab.wait import free_port, wait_listening
+from mptun.lab.wait import ReservedPort, wait_listening, wait_owned
 
 SHAPED_MBIT = (100, 60, 40)
 _NAT_RULES = """
@@ -24,6 +24,28 @@ table ip mptun_bench_nat {
     }
 }
 """
+# the gateway cases' redirects (`mptun nft` makes the like for a LAN: docs/CLI.md)
+_REDIRECT_TABLE = """
+table ip mptun_bench_redir {
+    chain prerouting {
+        type nat hook prerouting priority dstnat; policy accept;
+    }
+}
+"""
+
+
+# TcpExt counters of receive-side drops, kept with the MPTcpExt ones (include/uapi/linux/snmp.h)
+_TCP_DROPS = frozenset(
+    (
+        "TcpExtTCPRcvQDrop",
+        "TcpExtPruneCalled",
+        "TcpExtRcvPruned",
+        "TcpExtTCPZeroWindowDrop",
+        "TcpExtTCPBacklogDrop",
+        "TcpExtTCPWantZeroWindowAdv",
+        "TcpExtTCPToZeroWindowAdv",
+    )
+)
 
 
 class BenchError(RuntimeError):
@@ -42,13 +64,17 @@ class Environment:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
         self._next_port = 20000
+        self._reserved: dict[int, ReservedPort] = {}
 
     def prefix(self, role: str) -> list[str]:
         return []
 
     def port(self, role: str) -> int:
-        """A port for a listener in `role`."""
-        return free_port()
+        """A port for a listener in `role`: held for it (`ReservedPort`) until `wait_listening`
+        has seen the listener's own process listen on it, so nothing else can take it meanwhile."""
+        held = ReservedPort()
+        self._reserved[held.port] = held
+        return held.port
 
     def popen(self, role: str, cmd: Sequence[str], **kw) -> subprocess.Popen:
         kw.setdefault("stdin", subprocess.DEVNULL)
@@ -85,22 +111,39 @@ class Environment:
             self.procs.remove(p)
 
     def wait_listening(self, role: str, host: str, port: int, proc: subprocess.Popen) -> None:
-        """Until `port` listens in `role` (a connection on loopback, `ss` in a namespace)."""
+        """Until `port` listens in `role`: by `proc` itself where the port was reserved (on
+        loopback), by anything (`ss`) in a namespace of the test bed's own."""
+        held = self._reserved.pop(port, None)
         try:
-            wait_listening(host, port, 15, proc, prefix=self.prefix(role))
+            if held is not None:
+                wait_owned(proc, port, 15)
+            else:
+                wait_listening(host, port, 15, proc, prefix=self.prefix(role))
         except RuntimeError:
             name = proc.args[len(self.prefix(role))]
             raise BenchError(f"{name} exited with {proc.returncode}") from None
         except TimeoutError:
             raise BenchError(f"nothing listens on {host}:{port} in {role} after 15 s") from None
+        finally:
+            if held is not None:
+                held.release()  # the listener holds the port now (or it failed)
 
     def set_shaped(self, shaped: bool) -> None:
         if shaped:
             raise BenchError(f"{self.name}: no shaped links here")
 
+    gateway = False  # can redirect the lan host's connections into a `--redir` listener
+
+    def redirect(self, port: int, to_port: int) -> None:
+        """Redirect the lan host's TCP connections to `port` into the router's `to_port`."""
+        raise BenchError(f"{self.name}: no router to redirect in (the gateway cases need netns)")
+
     def close(self) -> None:
         for p in list(self.procs):
             self.stop(p)
+        for held in self._reserved.values():
+            held.release()
+        self._reserved.clear()
 
     def describe(self) -> str:
         return self.name
@@ -121,10 +164,13 @@ class NetnsEnv(Environment):
     server_host = str(SERVER_V4)
     shaped_rates = SHAPED_MBIT
 
-    def __init__(self) -> None:
+    gateway = True
+
+    def __init__(self, uplinks: int = 3) -> None:
         super().__init__()
-        self.bed = Testbed(rates_mbit=(None, None, None), ipv6=False)
+        self.bed = Testbed(rates_mbit=(None,) * uplinks, ipv6=False)
         self.nat = False
+        self._redirect_table = False
         try:
             self.bed.build()
             self._uplink_routing()
@@ -165,8 +211,33 @@ class NetnsEnv(Environment):
         self._next_port += 1  # the namespaces are ours alone: no other listener can collide
         return self._next_port
 
+    def redirect(self, port: int, to_port: int) -> None:
+        r = self.bed.router
+        assert r is not None
+        if not self._redirect_table:
+            r.exec("nft", "-f", "-", input=_REDIRECT_TABLE)
+            self._redirect_table = True
+        r.exec(
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "mptun_bench_redir",
+            "prerouting",
+            "iifname",
+            "lan0",
+            "tcp",
+            "dport",
+            str(port),
+            "redirect",
+            "to",
+            f":{to_port}",
+        )
+
     def set_shaped(self, shaped: bool) -> None:
-        for up, rate in zip(self.bed.uplinks, SHAPED_MBIT, strict=True):
+        if shaped and len(self.bed.uplinks) != len(SHAPED_MBIT):
+            raise BenchError(f"shaped links need {len(SHAPED_MBIT)} uplinks")
+        for up, rate in zip(self.bed.uplinks, SHAPED_MBIT, strict=shaped):
             if shaped:
                 self.bed.shape(up, rate)
             else:
@@ -175,9 +246,10 @@ class NetnsEnv(Environment):
                     ns.exec("tc", "qdisc", "del", "dev", dev, "root", check=False)
                 up.rate_mbit = None
 
-    def mptcp_counters(self) -> dict[str, int]:
-        """MPTcpExt MIB counters of the router (nstat), to show subflows were joined."""
-        r = run([*self.prefix("router"), "nstat", "-az", "-j"], check=False)
+    def mptcp_counters(self, role: str = "router") -> dict[str, int]:
+        """MPTcpExt MIB counters of a role (nstat): subflows joined, MPTCP-level
+        retransmissions."""
+        r = run([*self.prefix(role), "nstat", "-az", "-j"], check=False)
         try:
             data = json.loads(r.stdout)
         except ValueError:
@@ -185,7 +257,7 @@ class NetnsEnv(Environment):
         out: dict[str, int] = {}
         for table in data.values():
             for k, v in table.items():
-                if k.startswith("MPTcpExt"):
+                if k.startswith("MPTcpExt") or k in _TCP_DROPS:
                     out[k] = v
         return out
 
@@ -194,17 +266,20 @@ class NetnsEnv(Environment):
         self.bed.destroy()
 
     def describe(self) -> str:
-        return f"netns {self.bed.suffix} (nat: {'nft masquerade' if self.nat else 'none'})"
+        return (
+            f"netns {self.bed.suffix}, {len(self.bed.uplinks)} uplink(s) "
+            f"(nat: {'nft masquerade' if self.nat else 'none'})"
+        )
 
 
-def open_environment(mode: str) -> Environment:
+def open_environment(mode: str, uplinks: int = 3) -> Environment:
     """`auto`: namespaces when this process can build them (root, iproute2), else loopback."""
     if mode in ("auto", "netns"):
         ok, why = have_netns()
         if ok:
             ok, why = have_mptcp()
         if ok:
-            return NetnsEnv()
+            return NetnsEnv(uplinks)
         if mode == "netns":
             raise BenchError(f"cannot build the test bed: {why}")
     return LoopbackEnv()

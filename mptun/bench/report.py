@@ -8,6 +8,16 @@ from pathlib import Path
 from mptun.bench.cases import Case
 
 ROUTE, INCUMBENT, KERNEL_MPTCP = "route", "ss-mptcp", "mptcp-kernel"
+# the gateway cases (iperf3 through the router's redirect): the product's engines, the
+# reference relay and the kernel's MPTCP with no relay
+GW_SPLICE, GW_AEAD, GW_REFERENCE, GW_KERNEL = (
+    "gw-splice",
+    "gw-aead",
+    "gw-reference",
+    "gw-mptcp-kernel",
+)
+GW_CASES = (GW_SPLICE, GW_AEAD, GW_REFERENCE, GW_KERNEL)
+STALL_SHARE = 0.5  # a run below this share of its case's median is a stall
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -41,6 +51,11 @@ def summarize(results: dict) -> list[dict]:
             joins = [r["mp_joins"] for r in ok if "mp_joins" in r]
             if joins:
                 row["mp_joins"] = statistics.median(joins)
+            row["stalls"] = sum(m < STALL_SHARE * row["mbps"] for m in mbps)
+            retrans = [sum(r["mptcp_retrans"].values()) for r in ok if "mptcp_retrans" in r]
+            if retrans:
+                row["retrans"] = statistics.median(retrans)
+                row["retrans_max"] = max(retrans)
         rows.append(row)
     index = {(r["link"], r["case"], r["direction"]): r for r in rows}
     for row in rows:
@@ -48,7 +63,88 @@ def summarize(results: dict) -> list[dict]:
             other = index.get((row["link"], ref, row["direction"]))
             if other and other.get("mbps") and row.get("mbps"):
                 row[key] = row["mbps"] / other["mbps"]
+        if row["case"] in GW_CASES:
+            for ref, key in ((GW_REFERENCE, "x_reference"), (GW_KERNEL, "x_kernel")):
+                other = index.get((row["link"], ref, row["direction"]))
+                if other and other.get("mbps") and row.get("mbps"):
+                    row[key] = row["mbps"] / other["mbps"]
     return rows
+
+
+def gateway_table(rows: list[dict], cases: list[Case]) -> str:
+    """The gateway cases side by side: against the reference relay and the kernel's MPTCP,
+    stalls (runs below half the median) and MPTCP-level retransmissions per run."""
+    sel = [r for r in rows if r["case"] in GW_CASES and r.get("mbps")]
+    if not sel:
+        return ""
+    label = {c.id: c.label for c in cases}
+    order = {c: i for i, c in enumerate(GW_CASES)}
+    head = (
+        f"{'case':38} {'dir':4} {'Mbit/s median [min-max]':>25} {'x ref':>6} {'x kern':>6} "
+        f"{'stalls':>6} {'retrans p50/max':>15} {'client':>6} {'server':>6}"
+    )
+    out = ["", "== gateway: iperf3 through an nft redirect into --redir; CPU: s per GB", head]
+    out.append("-" * len(head))
+    for r in sorted(sel, key=lambda r: (r["link"], order[r["case"]], r["direction"] != "up")):
+        spread = f"{r['mbps']:.0f} [{r['mbps_min']:.0f}-{r['mbps_max']:.0f}]"
+        retrans = f"{_f(r.get('retrans'), '.0f')}/{_f(r.get('retrans_max'), '.0f')}"
+        out.append(
+            f"{label.get(r['case'], r['case']):38} {r['direction']:4} {spread:>25} "
+            f"{_f(r.get('x_reference'), '.2f'):>6} {_f(r.get('x_kernel'), '.2f'):>6} "
+            f"{r['stalls']:>3}/{r['runs']:<2} {retrans:>15} "
+            f"{_f(r.get('cpu_client'), '.2f'):>6} {_f(r.get('cpu_server'), '.2f'):>6}"
+        )
+    return "\n".join(out)
+
+
+def gateway_targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
+    """Issue 17's gateway targets: splice >= 0.9x the reference relay and no stalls, splice
+    at least as fast as aead with less CPU per GB (both ends)."""
+    idx = {(r["link"], r["case"], r["direction"]): r for r in rows}
+    checks: list[tuple[str, bool | None, str]] = []
+    for link in sorted({r["link"] for r in rows if r["case"] == GW_SPLICE}):
+        for d in ("up", "down"):
+            sp, ref, ae = (idx.get((link, c, d)) for c in (GW_SPLICE, GW_REFERENCE, GW_AEAD))
+            if not sp or not sp.get("mbps"):
+                continue
+            if ref and ref.get("mbps"):
+                x = sp["mbps"] / ref["mbps"]
+                checks.append(
+                    (
+                        f"{link} {d} gateway: splice vs reference relay",
+                        x >= 0.9,
+                        f"{x:.2f}x (need >= 0.9)",
+                    )
+                )
+            worst = sp["mbps_min"] / sp["mbps"]
+            # the reference's own worst run says whether a stall is the relay's or the kernel's
+            theirs = (
+                f"; reference relay {ref['mbps_min'] / ref['mbps']:.2f}x"
+                if ref and ref.get("mbps")
+                else ""
+            )
+            checks.append(
+                (
+                    f"{link} {d} gateway: splice's worst run vs its median",
+                    worst >= STALL_SHARE,
+                    f"{worst:.2f}x over {sp['runs']} runs (need >= {STALL_SHARE}){theirs}",
+                )
+            )
+            if ae and ae.get("mbps"):
+                x = sp["mbps"] / ae["mbps"]
+                checks.append(
+                    (f"{link} {d} gateway: splice vs aead", x >= 1.0, f"{x:.2f}x (need >= 1)")
+                )
+                mine = sp.get("cpu_client", 0.0) + sp.get("cpu_server", 0.0)
+                theirs = ae.get("cpu_client", 0.0) + ae.get("cpu_server", 0.0)
+                checks.append(
+                    (
+                        f"{link} {d} gateway: splice CPU/GB (both ends) vs aead",
+                        mine < theirs,
+                        f"{mine:.2f} vs {theirs:.2f} s/GB",
+                    )
+                )
+    return checks
 
 
 def _f(v, fmt: str, none: str = "-") -> str:
@@ -214,7 +310,7 @@ def format_context(lines: list[str]) -> str:
 
 
 def format_targets(checks: list[tuple[str, bool | None, str]]) -> str:
-    out = ["", "== targets (issues 5 and 8), ratios from this run"]
+    out = ["", "== targets, ratios from this run"]
     for what, ok, detail in checks:
         mark = {True: "PASS", False: "FAIL", None: "n/a "}[ok]
         out.append(f"{mark}  {what}: {detail}")

@@ -143,14 +143,19 @@ class Runner:
         return out
 
     def _rtt_idle(self, link: str, r: Running) -> None:
+        if r.case.generator == "iperf3":
+            return  # iperf3 measures no RTT; the bench generator's cases do
         out = self.env.run(r.origin, self._traffic("rtt", r, "--seconds", "1"), timeout=30)
         self.results["rtt_idle"].append(
             {"link": link, "case": r.case.id, "rtt_ms": json.loads(out)["rtt_ms"]}
         )
 
     def _bulk(self, link: str, r: Running, direction: str, index: int) -> dict:
+        if r.case.generator == "iperf3":
+            return self._iperf3(link, r, direction, index)
         s = self.settings.seconds
         rec: dict = {"link": link, "case": r.case.id, "direction": direction, "run": index}
+        rec["loadavg"] = loadavg()
         before = self._cpu(r)
         counters = self._mptcp_counters()
         bulk = self.env.popen(
@@ -192,6 +197,53 @@ class Runner:
                 "MPTcpExtMPJoinSynAckRx", 0
             )
         return self._record(rec)
+
+    def _iperf3(self, link: str, r: Running, direction: str, index: int) -> dict:
+        """One iperf3 test (`-R` for down): the receiver's rate, per-second rates, CPU of the
+        relays, and the MPTCP-level retransmissions of router and VPS during it."""
+        s = self.settings.seconds
+        rec: dict = {"link": link, "case": r.case.id, "direction": direction, "run": index}
+        rec["loadavg"] = loadavg()
+        host, port = r.target or self.target
+        cmd = [*r.generator_args, "iperf3", "-c", host, "-p", str(port), "-t", f"{s:g}", "-J"]
+        cmd += ["--connect-timeout", "5000"] + (["-R"] if direction == "down" else [])
+        before, counters = self._cpu(r), self._retrans()
+        try:
+            out = self.env.run(r.origin, cmd, timeout=s + 60)
+        except BenchError as e:
+            out = str(e)
+        after = self._cpu(r)
+        try:
+            res = json.loads(out)
+            received = res["end"]["sum_received"]
+        except (ValueError, KeyError, TypeError):
+            rec["error"] = "iperf3: " + (_iperf3_error(out) or "no result")
+            return self._record(rec)
+        rec.update(
+            bytes=received["bytes"],
+            seconds=received["seconds"],
+            mbps=received["bits_per_second"] / 1e6,
+            cpu={k: after[k] - before[k] for k in after},
+            rtt_ms=[],
+            interval_mbps=[iv["sum"]["bits_per_second"] / 1e6 for iv in res.get("intervals", [])],
+        )
+        joined = self._retrans()
+        if counters and joined:
+            delta = {
+                role: {k: v - counters[role].get(k, 0) for k, v in joined[role].items()}
+                for role in joined
+            }
+            rec["mptcp_retrans"] = {o: d.get("MPTcpExtMPTCPRetrans", 0) for o, d in delta.items()}
+            rec["counters"] = {o: {k: v for k, v in d.items() if v} for o, d in delta.items()}
+        return self._record(rec)
+
+    def _retrans(self) -> dict[str, dict[str, int]]:
+        """MPTcpExt and TCP drop counters of router and VPS (MPTCPRetrans: where the data is
+        sent, the VPS for down, the router for up)."""
+        get = getattr(self.env, "mptcp_counters", None)
+        if not get:
+            return {}
+        return {role: get(role) for role in ("router", "vps")}
 
     def _mptcp_counters(self) -> dict[str, int]:
         get = getattr(self.env, "mptcp_counters", None)
@@ -239,3 +291,18 @@ class Runner:
             self.env.stop(p)
         self.results["idle"].append(m)
         return m
+
+
+def loadavg() -> str:
+    """The machine's load averages (it is shared: every run records them)."""
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _iperf3_error(out: str) -> str:
+    try:
+        return str(json.loads(out).get("error", ""))[:200]
+    except (ValueError, AttributeError):
+        return out.strip()[-200:]

@@ -46,6 +46,9 @@ def test_finds_the_deployment_scripts() -> None:
         "openwrt/net/mptun/files/mptun.init",
         "openwrt/net/mptun/files/mptun.hotplug",
         "openwrt/net/mptun/files/mptun.ntp-hotplug",
+        "openwrt/net/mptun/files/mptun.sh",
+        "openwrt/net/mptun/files/mptun.uci-defaults",
+        "tests/openwrt_shim/lib/functions.sh",
     ):
         assert script in found
 

@@ -209,7 +209,7 @@ def test_uci_maps_to_toml_keys(tmp_path: Path) -> None:
         ("config client\n option relay fast\n", "mptun:2: relay: 'fast' is not one of"),
         ("config client\n option max_connections many\n", "mptun:2: max_connections: 'many'"),
         ("config client\n option server 'no-port'\n", "mptun:2: server: "),
-        ("config client\n list server 'a:1'\n", "mptun:2: server takes one value"),
+        ("config client\n list relay 'splice'\n", "mptun:2: relay takes one value"),
         ("config client\n option enabled maybe\n", "mptun:2: enabled: 'maybe' is not a boolean"),
         ("config client\nconfig client 'b'\n", "mptun:2: a second 'config client' section (b)"),
         ("config client\n option key 'c2VjcmV0'\n", "mptun:2: unknown key 'key'"),
@@ -295,3 +295,69 @@ def test_shipped_openwrt_config_is_valid() -> None:
     r = run_mptun("uci", str(conf))
     assert r.returncode == 0, r.stderr
     assert "client main" in r.stdout
+
+
+SHELL_READ = """\
+config client 'off'
+\toption enabled '0'
+\toption server 'a.example:1'
+
+config client
+\toption server 'b.example:1'
+
+config uplink 'wan'
+\toption interface 'wan'
+
+config uplink
+\toption interface 'wwan'
+\toption disabled '0'
+
+config uplink 'lte'
+\toption interface 'lte'
+\toption enabled 'no'
+
+config uplink
+\toption interface 'wan6'
+"""
+
+
+def test_shell_reads_what_mptun_uci_reads(tmp_path: Path) -> None:
+    """The service scripts' shell questions (mptun.sh over config_load/config_get) get the
+    answers `mptun uci` gives for the same file: the enabled uplinks, the enabled client."""
+    shim = ROOT / "tests" / "openwrt_shim" / "lib" / "functions.sh"
+    lib = ROOT / "openwrt" / "net" / "mptun" / "files" / "mptun.sh"
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "functions.sh").write_bytes(shim.read_bytes())
+    (tmp_path / "etc" / "config").mkdir(parents=True)
+    conf = tmp_path / "etc" / "config" / "mptun"
+    conf.write_text(SHELL_READ)
+    script = f'. "$MPTUN_ROOT/lib/functions.sh"; . "{lib}"; config_load mptun; '
+    shell = subprocess.run(
+        [
+            "/bin/sh",
+            "-c",
+            script + 'mptun_uplink_interfaces; echo --; config_get s "$(mptun_client_section)" '
+            'server; echo "$s"',
+        ],
+        env={"MPTUN_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert shell.returncode == 0, shell.stderr
+    uplinks, client_server = shell.stdout.split("--\n")
+
+    def mptun_uci(*args: str) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "mptun", "uci", str(conf), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert uplinks == mptun_uci("uplink", "interface") == "wan\nwwan\nwan6\n"
+    # the first enabled client: the anonymous second section, as `mptun uci` finds it too
+    assert client_server == "b.example:1\n"
+    assert mptun_uci("client") == "@client[1]\n"

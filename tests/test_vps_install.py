@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port, wait_listening
+from tests.helpers import ROOT, wait_listening
 from tests.isolated import IsolatedRoot
 from tests.peers import sha256_of_stream
 
@@ -36,7 +36,7 @@ SYSCTL = "/etc/sysctl.d/90-mptun.conf"
 # uid/gid for the emulated DynamicUser (systemd allocates from 61184-65519).
 DYNAMIC_UID = 61234
 SYSTEM_PYTHON = "/usr/bin/python3"
-BUILD_REQUIRES = ("setuptools>=68", "wheel")  # pyproject's [build-system], for the path install
+BUILD_REQUIRES = ("setuptools>=77",)  # pyproject's [build-system], for the checkout install
 
 
 def _installer_python() -> str:
@@ -96,12 +96,14 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     wheel = next(wheelhouse.glob("mptun-*.whl"))
     root = IsolatedRoot()
     try:
-        port = free_port(prefix=root.prefix())
+        port = 28443  # the isolated root's network namespace is this test's alone
         inst = Installed(root, port, "", wheelhouse, _installer_python(), tmp)
         r = inst.install(
             "--from", str(wheel), "--python", inst.python, "--listen", f"127.0.0.1:{port}"
         )
         inst.first_output = r.stdout
+        assert f"installing mptun from the file {wheel} " in r.stdout, r.stdout + r.stderr
+        assert "not from a package index" in r.stdout
         yield inst
     finally:
         root.close()
@@ -203,7 +205,7 @@ def test_server_from_unit_reaches_client(installed: Installed, tmp_path: Path) -
         procs.append(peer)
         assert peer.stdout is not None
         http_port = int(peer.stdout.readline())
-        socks = free_port(prefix=root.prefix())
+        socks = 21080  # the isolated root's network namespace is this test's alone
         key_copy = tmp_path / "client.key"
         key_copy.write_text(root.read("/etc/mptun/key"))
         key_copy.chmod(0o600)
@@ -267,8 +269,9 @@ def test_second_run_upgrades_and_keeps_key(installed: Installed) -> None:
     root = installed.root
     key = root.read("/etc/mptun/key")
     conf = root.read("/etc/mptun/server.toml")
-    # this time from the source tree (the "path" install); the key and config must survive
-    r = installed.install("--from", str(ROOT), "--python", installed.python)
+    # this time without --from: the checkout the script is in; the key and config must survive
+    r = installed.install("--python", installed.python)
+    assert f"installing mptun from the checkout {ROOT} " in r.stdout, r.stdout + r.stderr
     assert "keeping the existing key" in r.stdout
     assert root.read("/etc/mptun/key") == key
     assert root.read("/etc/mptun/server.toml") == conf
@@ -283,6 +286,25 @@ def test_bad_arguments_fail_cleanly(installed: Installed) -> None:
     assert r.stderr.strip().splitlines()[-1].startswith("install.sh: error: --max-connections")
     r = installed.root.run(["bash", str(INSTALL), "--purge"], check=False)
     assert r.returncode == 1 and "--purge goes with --uninstall" in r.stderr
+
+
+def test_never_installs_mptun_by_name(installed: Installed, tmp_path: Path) -> None:
+    """A name would be looked up on an index: --version is refused, and so is a --from that is
+    neither a checkout nor an mptun wheel/sdist file."""
+    r = installed.root.run(["bash", str(INSTALL), "--version", "0.1.0"], check=False)
+    assert r.returncode == 1 and "never fetched from a package index" in r.stderr, r.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "pyproject.toml").write_text('[project]\nname = "mptun-evil"\n')
+    stray = tmp_path / "requirements.txt"
+    stray.write_text("mptun\n")
+    for path, why in ((other, "not an mptun checkout"), (stray, "not an mptun wheel or sdist")):
+        r = installed.root.run(["bash", str(INSTALL), "--from", str(path)], check=False)
+        assert r.returncode == 1, r.stdout
+        assert r.stderr.strip().splitlines()[-1].startswith("install.sh: error: --from"), r.stderr
+        assert why in r.stderr
+    # nothing was touched: the earlier install is still there
+    assert installed.root.exists("/opt/mptun/venv/bin/mptun")
 
 
 def test_uninstall_removes_what_it_added(installed: Installed) -> None:

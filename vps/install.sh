@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Install (or upgrade, or remove) the mptun server on a Debian/Ubuntu VPS, as root:
 #
-#   ./install.sh                      # newest mptun from the package index
-#   ./install.sh --version 0.1.0      # a pinned version from the package index
-#   ./install.sh --from ./mptun       # a source checkout, or --from mptun-0.1.0-py3-none-any.whl
+#   mptun/vps/install.sh                              # from the checkout this script is in
+#   ./install.sh --from ./mptun                       # another source checkout
+#   ./install.sh --from mptun-0.1.0-py3-none-any.whl  # a wheel (or an sdist, .tar.gz) `make dist` built
 #   ./install.sh --uninstall [--purge]
 #
+# mptun itself never comes from a package index: no `mptun` is published on one, and a root
+# installer that asked an index for that name would run whatever someone registered under it.
+# Only its dependencies (cryptography, click) do.
+#
 # What it writes (and --uninstall removes): /opt/mptun/ (a virtual environment), /etc/mptun/
-# (server.toml and the key; kept unless --purge), /etc/sysctl.d/90-mptun.conf and
+# (server.toml and the key; kept unless --purge), /etc/sysctl.d/90-mptun.conf,
+# /etc/modules-load.d/mptun.conf (kTLS, where the kernel has it) and
 # /etc/systemd/system/mptun-server.service. Re-running upgrades mptun and keeps the key and
 # server.toml. See vps/README.md.
 set -euo pipefail
@@ -18,6 +23,7 @@ ETC=/etc/mptun
 KEY="$ETC/key"
 CONFIG="$ETC/server.toml"
 SYSCTL=/etc/sysctl.d/90-mptun.conf
+MODULES=/etc/modules-load.d/mptun.conf
 UNIT_NAME=mptun-server.service
 UNIT="/etc/systemd/system/$UNIT_NAME"
 MIN_PYTHON=3.11
@@ -26,7 +32,6 @@ MIN_PYTHON=3.11
 FDS_PER_CONNECTION=6
 
 SOURCE=""
-VERSION=""
 INDEX_URL=""
 PYTHON=python3
 LISTEN="[::]:8443"
@@ -42,9 +47,9 @@ usage: $0 [options]
 
 Installs the mptun server into $VENV, runs it as the systemd service $UNIT_NAME.
 
-  --from PATH          install from a source checkout or a wheel file instead of the index
-  --version V          pin the version installed from the index (mptun==V)
-  --index-url URL      package index to install from (default: pip's configuration)
+  --from PATH          a source checkout, or a wheel or sdist file (mptun-*.whl, mptun-*.tar.gz);
+                       default: the checkout this script is in. Never a package index.
+  --index-url URL      package index for the dependencies (default: pip's configuration)
   --python PY          Python $MIN_PYTHON or newer to build the environment with (default: python3)
   --listen ADDR:PORT   where the server accepts tunnels (default: $LISTEN, both families)
   --public-host HOST   the address routers use to reach this VPS (printed at the end)
@@ -69,7 +74,7 @@ parse_args() {
 	while [ $# -gt 0 ]; do
 		case "$1" in
 		--from) SOURCE=${2:?--from needs a path}; shift ;;
-		--version) VERSION=${2:?--version needs a version}; shift ;;
+		--version) die "--version is gone: mptun is never fetched from a package index; give --from a checkout or a file \`make dist\` built" ;;
 		--index-url) INDEX_URL=${2:?--index-url needs a URL}; shift ;;
 		--python) PYTHON=${2:?--python needs an interpreter}; shift ;;
 		--listen) LISTEN=${2:?--listen needs ADDR:PORT}; shift ;;
@@ -83,16 +88,31 @@ parse_args() {
 		esac
 		shift
 	done
-	[ -z "$SOURCE" ] || [ -z "$VERSION" ] || die "give --from or --version, not both"
 	case "$MAX_CONNECTIONS" in
 	'' | *[!0-9]*) die "--max-connections: not a number: $MAX_CONNECTIONS" ;;
 	esac
 	[ "$MAX_CONNECTIONS" -ge 1 ] || die "--max-connections must be at least 1"
 	[ "$PURGE" = 0 ] || [ "$ACTION" = uninstall ] || die "--purge goes with --uninstall"
-	if [ -n "$SOURCE" ]; then
-		[ -e "$SOURCE" ] || die "--from $SOURCE: no such file or directory"
-		SOURCE=$(realpath "$SOURCE")
+	if [ -z "$SOURCE" ]; then
+		SOURCE=$(dirname "$(realpath "$0")")/..
+		is_checkout "$SOURCE" ||
+			die "$SOURCE is not an mptun checkout: give --from a checkout or a wheel/sdist file"
 	fi
+	[ -e "$SOURCE" ] || die "--from $SOURCE: no such file or directory"
+	SOURCE=$(realpath "$SOURCE")
+	if [ -d "$SOURCE" ]; then
+		is_checkout "$SOURCE" || die "--from $SOURCE: not an mptun checkout (no pyproject.toml naming mptun)"
+	else
+		case "${SOURCE##*/}" in
+		mptun-*.whl | mptun-*.tar.gz) ;;
+		*) die "--from $SOURCE: not an mptun wheel or sdist (mptun-*.whl, mptun-*.tar.gz)" ;;
+		esac
+	fi
+}
+
+# A directory holding mptun's own sources: what pip builds from, with no index lookup of mptun.
+is_checkout() {
+	[ -f "$1/pyproject.toml" ] && grep -q '^name = "mptun"$' "$1/pyproject.toml"
 }
 
 have_systemd() {
@@ -122,19 +142,15 @@ ensure_packages() {
 # cannot be built elsewhere and moved) with the old one set aside, and put the old one back if the
 # new one fails: a failed upgrade leaves the previous install in place.
 install_venv() {
-	local spec pip_args=(--quiet --disable-pip-version-check)
+	local spec what pip_args=(--quiet --disable-pip-version-check)
 	[ -z "$INDEX_URL" ] || pip_args+=(--index-url "$INDEX_URL")
-	if [ -n "$SOURCE" ]; then
-		spec="$SOURCE"
-	elif [ -n "$VERSION" ]; then
-		spec="mptun==$VERSION"
-	else
-		spec="mptun"
-	fi
+	# A path, never a name: pip installs this very file or tree (dependencies from the index).
+	spec="$SOURCE"
+	if [ -d "$SOURCE" ]; then what="the checkout $SOURCE"; else what="the file $SOURCE"; fi
 	install -d -m 0755 "$PREFIX"
 	rm -rf "$VENV.old"
 	[ ! -e "$VENV" ] || mv "$VENV" "$VENV.old"
-	say "installing $spec into $VENV"
+	say "installing mptun from $what into $VENV (not from a package index; only its dependencies are)"
 	if ! { "$PYTHON" -m venv "$VENV" &&
 		"$VENV/bin/python" -m pip install "${pip_args[@]}" "$spec" &&
 		"$VENV/bin/mptun" --version >/dev/null; }; then
@@ -176,23 +192,26 @@ EOF
 }
 
 install_sysctl() {
-	cat >"$SYSCTL" <<'EOF'
-# mptun server: written by vps/install.sh, removed by `install.sh --uninstall`.
-# Multipath TCP on (the default on Debian/Ubuntu kernels, stated so it cannot be lost).
-net.mptcp.enabled = 1
-# TCP autotuning ceilings, also used by MPTCP subflows: 32 MiB lets one connection fill
-# ~250 Mbit/s at 1 s of round trip (Debian 12's 6.1 kernel defaults to 6 MiB / 4 MiB).
-# Autotuning is bounded by these, not by net.core.rmem_max, which only caps SO_RCVBUF.
-net.ipv4.tcp_rmem = 4096 131072 33554432
-net.ipv4.tcp_wmem = 4096 16384 33554432
-# MPTCP's subflow limits are not sysctls (they are per-namespace netlink settings): the unit
-# sets them with `ip mptcp limits` before the server starts.
-# Congestion control is left to the operator (vps/README.md explains the trade-off).
-EOF
-	chmod 0644 "$SYSCTL"
+	# the values and their reasons: vps/90-mptun.conf, next to this script
+	install -m 0644 "$(dirname "$(realpath "$0")")/90-mptun.conf" "$SYSCTL"
 	if ! sysctl -q -p "$SYSCTL" >/dev/null; then
 		say "warning: could not apply $SYSCTL now (it applies at boot)"
 	fi
+}
+
+# kTLS: the server seals encrypted bulk data in the kernel where the tunnel socket takes it (TCP
+# tunnels; MPTCP sockets refuse it). The kernel loads the `tls` module on demand only for a caller
+# with CAP_NET_ADMIN (net/ipv4/tcp_ulp.c, __tcp_ulp_find_autoload), which the service has not, so
+# it is loaded at boot (modules-load.d) and now.
+install_modules() {
+	if ! modinfo tls >/dev/null 2>&1; then
+		rm -f "$MODULES"
+		say "this kernel has no tls module: encrypted bulk data is sealed in user space"
+		return
+	fi
+	printf '# mptun server: kTLS (written by vps/install.sh, removed by --uninstall)\ntls\n' >"$MODULES"
+	chmod 0644 "$MODULES"
+	modprobe tls 2>/dev/null || say "warning: could not load the tls module now (it loads at boot)"
 }
 
 install_unit() {
@@ -286,6 +305,43 @@ public_host() {
 	echo "${addr:-YOUR-VPS-ADDRESS}"
 }
 
+# The IPv6 address routers may use: the first global, non-temporary address of the IPv6 default
+# route's interface; nothing when there is none or the server listens on IPv4 only.
+public_host6() {
+	local dev
+	case "$LISTEN" in
+	\[::\]:* | \[*:*\]:*) ;;
+	*) return 0 ;;
+	esac
+	case "$PUBLIC_HOST" in *:*) return 0 ;; esac # --public-host is IPv6 already
+	dev=$(ip -o -6 route show default 2>/dev/null | awk '{for (i = 1; i < NF; i++) if ($i == "dev") { print $(i + 1); exit }}')
+	[ -n "$dev" ] || return 0
+	ip -o -6 addr show dev "$dev" scope global -temporary -deprecated 2>/dev/null |
+		awk '{ sub("/.*", "", $4); print $4; exit }'
+}
+
+# The IPv6 lines of the router settings: another server address, and the firewall exemptions.
+print_ipv6_settings() {
+	local host6
+	host6=$(public_host6)
+	if [ -z "$host6" ]; then
+		echo
+		echo "IPv6: none (no IPv6 default route here, or the server listens on IPv4 only)."
+		return
+	fi
+	cat <<EOF
+
+IPv6: this VPS also answers at [$host6]:$1. A router whose uplinks all have IPv6 may use
+
+		option server '[$host6]:$1'
+
+and in gateway mode both addresses are exempt from the redirect (config nft):
+
+		list server '$(public_host)'
+		list server '$host6'
+EOF
+}
+
 print_router_settings() {
 	local port host server version
 	port=${LISTEN##*:}
@@ -309,6 +365,7 @@ Router side (OpenWrt, /etc/config/mptun):
 and the key, into /etc/mptun/key on the router (keep it secret):
 
 	umask 077; mkdir -p /etc/mptun; echo '$(cat "$KEY")' > /etc/mptun/key
+$(print_ipv6_settings "$port")
 
 Open TCP port $port in the VPS provider's firewall. Any other client: mptun client --server $server --key-file KEYFILE
 EOF
@@ -318,7 +375,7 @@ uninstall() {
 	if have_systemd && [ -e "$UNIT" ]; then
 		systemctl disable --now "$UNIT_NAME" >/dev/null 2>&1 || true
 	fi
-	rm -f "$UNIT" "$SYSCTL"
+	rm -f "$UNIT" "$SYSCTL" "$MODULES"
 	have_systemd && systemctl daemon-reload
 	rm -rf "$PREFIX"
 	if [ "$PURGE" = 1 ]; then
@@ -343,6 +400,7 @@ main() {
 	install_key
 	install_config
 	install_sysctl
+	install_modules
 	install_unit
 	start_service
 	print_router_settings

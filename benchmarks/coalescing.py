@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--direction", choices=("up", "down"), default="down")
     a = ap.parse_args()
     os.environ["MPTUN_BENCH_RELAY_LOG"] = "info"  # a line per connection, with its read count
+    os.environ["MPTUN_LOG_CONNECTIONS"] = "1"  # (those lines are debug without it)
     delays = [x.strip() for x in a.delays.split(",")]
     env = NetnsEnv()
     work = Path(tempfile.mkdtemp(prefix="mptun-coalescing-"))

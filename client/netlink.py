@@ -307,3 +307,29 @@ class Netlink:
         except NetlinkError:
             return None
         return m.get("RTA_OIF")
+
+
+BLACKHOLE_SYSCTL = "/proc/sys/net/mptcp/blackhole_timeout"
+
+
+def disable_blackhole_detection(path: str = BLACKHOLE_SYSCTL) -> str | None:
+    """Set net.mptcp.blackhole_timeout to 0 where the kernel has it (6.12+); what was done.
+
+    Documentation/networking/mptcp-sysctl.rst: after a suspected firewall blackhole the kernel
+    turns MPTCP off for new outgoing connections of the namespace for blackhole_timeout
+    seconds (3600 by default, growing when it trips again; 0 disables the detection). On a
+    multi-uplink router it trips exactly when a blackholed uplink recovers, and would leave every
+    new tunnel without MPTCP for an hour; mptun's uplink health handles dead uplinks instead.
+    None when there is nothing to do (no such sysctl, or already 0).
+    """
+    try:
+        with open(path) as f:
+            if f.read().strip() == "0":
+                return None
+        with open(path, "w") as f:
+            f.write("0\n")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"cannot set net.mptcp.blackhole_timeout to 0: {e.strerror}"
+    return "set net.mptcp.blackhole_timeout 0 (no hour without MPTCP after a blackholed uplink)"

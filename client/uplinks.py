@@ -187,6 +187,10 @@ class Settings:
     subflows: int = DEFAULT_SUBFLOWS
     gateways: Mapping[str, tuple[IPAddress, ...]] = field(default_factory=dict)
     backup: frozenset[str] = frozenset()
+    # Uplinks the client's health checks found dead (client/health.py, the health file): their
+    # endpoints are withdrawn, so no new subflow opens over them; routes and rules stay, so the
+    # probes through them still leave by them and see them recover.
+    withdrawn: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -335,18 +339,24 @@ def plan(
         have_routes = {_normalise(r) for r in have_routes}
         dels += [Action("del", r) for r in sorted(have_routes - want_routes, key=str)]
         adds += [Action("add", r) for r in sorted(want_routes - have_routes, key=str)]
-        # endpoints, while the link is up
+        # endpoints, while the link is up and not dead by the health checks
         flags = FLAG_SUBFLOW | (FLAG_BACKUP if name in s.backup else 0)
+        serving = link.operational and name not in s.withdrawn
+        if link.operational and not serving:
+            out.notes.append(
+                f"{name} is dead by the uplink health checks: its endpoint is withdrawn until "
+                "it answers again"
+            )
         have_eps = [
             e for e in state.endpoints if e.ours and (e.ip in ips or e.ifindex == link.index)
         ]
         keep: set[IPAddress] = set()
         for e in have_eps:
-            if link.operational and e.ip in ips and e.flags == flags and e.ifindex == link.index:
+            if serving and e.ip in ips and e.flags == flags and e.ifindex == link.index:
                 keep.add(e.ip)
             else:
                 dels.append(Action("del", e))
-        if link.operational:
+        if serving:
             for ip in ips:
                 if ip in keep:
                     continue

@@ -12,16 +12,23 @@ is back the table route is restored and the endpoint added again, which makes th
 subflow from it for every open connection (net/mptcp/pm_kernel.c,
 mptcp_nl_add_subflow_or_signal_addr: a new `subflow` endpoint is offered to existing
 connections).
+
+Uplink health (client/health.py) feeds it too: the client writes the uplinks it finds dead to the
+health file, and every pass plans with them withdrawn (`Settings.withdrawn`: no endpoint while
+dead), so this watcher stays the one owner of the endpoints and never re-adds what health
+withdrew. The file is read again every HEALTH_POLL seconds; a change re-plans at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import select
 import signal
 import time
 from collections.abc import Callable, Sequence
 
+from mptun.client.health import read_withdrawn
 from mptun.client.netlink import Netlink, import_pyroute2
 from mptun.client.uplinks import Memory, Settings, plan
 from mptun.common.errors import MptunError, Status
@@ -29,14 +36,18 @@ from mptun.common.errors import MptunError, Status
 log = logging.getLogger("mptun.uplinks")
 
 SETTLE = 0.2  # seconds of quiet after an event before re-planning (a link change is a burst)
+HEALTH_POLL = 0.25  # seconds between two reads of the health file
 
 
 class Watcher:
     """Re-plans `ifaces` on rtnetlink events until stopped; owns its sockets and memory."""
 
-    def __init__(self, ifaces: Sequence[str], settings: Settings) -> None:
+    def __init__(
+        self, ifaces: Sequence[str], settings: Settings, health_file: str | None = None
+    ) -> None:
         self.ifaces = list(ifaces)
         self.settings = settings
+        self.health_file = health_file
         self.memory = Memory()
         self.passes = 0
         self._stop = False
@@ -47,6 +58,7 @@ class Watcher:
     def reconcile(self, nl: Netlink) -> int:
         """One pass: apply what differs; returns the number of changes."""
         self.passes += 1
+        self.settings = dataclasses.replace(self.settings, withdrawn=self._withdrawn())
         state = nl.state()
         p = plan(state, self.ifaces, self.settings, self.memory)
         names = state.names
@@ -62,6 +74,9 @@ class Watcher:
             log.info("%s", a.describe(names))
             done += 1
         return done
+
+    def _withdrawn(self) -> frozenset[str]:
+        return read_withdrawn(self.health_file) & frozenset(self.ifaces)
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         pr = import_pyroute2("mptun uplinks --watch")
@@ -89,9 +104,14 @@ class Watcher:
                 if on_ready is not None:
                     on_ready()
                 fd = mon.fileno()
+                # With a health file, look at it 4 times a second: a recovered uplink's endpoint
+                # is back well within two probe intervals of its first answers.
+                tick = HEALTH_POLL if self.health_file else 1.0
                 while not self._stop:
-                    ready, _, _ = select.select([fd], [], [], 1.0)
+                    ready, _, _ = select.select([fd], [], [], tick)
                     if not ready:
+                        if self._withdrawn() != self.settings.withdrawn:
+                            self.reconcile(nl)  # uplink health changed its verdict
                         continue
                     # drain the burst, then re-plan once
                     deadline = time.monotonic() + SETTLE
@@ -106,9 +126,9 @@ class Watcher:
             mon.close()
 
 
-def watch_forever(ifaces: Sequence[str], settings: Settings) -> int:
+def watch_forever(ifaces: Sequence[str], settings: Settings, health_file: str | None = None) -> int:
     """Run a Watcher until SIGTERM/SIGINT; the configuration stays in place afterwards."""
-    w = Watcher(ifaces, settings)
+    w = Watcher(ifaces, settings, health_file)
 
     def stop(signum: int, frame: object) -> None:
         w.stop()

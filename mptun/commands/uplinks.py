@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from mptun.client.health import DEFAULT_HEALTH_FILE, read_withdrawn
 from mptun.client.uplinks import (
     DEFAULT_RULE_PRIORITY,
     DEFAULT_SUBFLOWS,
@@ -55,6 +56,12 @@ from mptun.common.errors import ConfigError, MptunError
     help="Mark this uplink's endpoints `backup`: used only when no other subflow works "
     "(a metered LTE link). Repeatable.",
 )
+@option(
+    "health-file",
+    default=DEFAULT_HEALTH_FILE,
+    help="The uplink health file `mptun client --uplink` writes: uplinks it finds dead get no "
+    "endpoint until they answer again ('' for none).",
+)
 @option("show", is_flag=True, help="Print what mptun configured (no changes).")
 @option("clear", is_flag=True, help="Remove what mptun added (all, or these IFACEs').")
 @option(
@@ -71,6 +78,7 @@ def uplinks(
     subflows: int,
     gateway: tuple[str, ...],
     backup: tuple[str, ...],
+    health_file: str,
     show: bool,
     clear: bool,
     watch: bool,
@@ -86,18 +94,23 @@ def uplinks(
         gateways = parse_gateways(gateway)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    settings = Settings(table_base, rule_priority, subflows, gateways, frozenset(backup))
+    withdrawn = read_withdrawn(health_file) & frozenset(ifaces)
+    settings = Settings(table_base, rule_priority, subflows, gateways, frozenset(backup), withdrawn)
     if not (ifaces or show or clear):
         raise ConfigError("give the uplink interfaces, e.g. `mptun uplinks wan wwan0` (or --show)")
     for name in [*gateways, *backup]:
         if ifaces and name not in ifaces:
             raise ConfigError(f"{name} is given to --gateway/--backup but is not an uplink")
+    from mptun.client.netlink import Netlink, disable_blackhole_detection
+
+    if not (show or clear or dry_run):
+        done = disable_blackhole_detection()
+        if done:
+            click.echo(done, err=done.startswith("cannot"))
     if watch:
         from mptun.client.watch import watch_forever
 
-        raise SystemExit(watch_forever(ifaces, settings))
-
-    from mptun.client.netlink import Netlink
+        raise SystemExit(watch_forever(ifaces, settings, health_file or None))
 
     with Netlink() as nl:
         state = nl.state()

@@ -32,6 +32,7 @@ rp_filter is off (subflows arrive from other source addresses).
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
 from dataclasses import dataclass, field
 
@@ -174,6 +175,11 @@ class Testbed:
             ("net.ipv6.conf.default.accept_dad", 0),
         ]:
             ns.sysctl(key, value)
+        # Kernel 6.12+ turns MPTCP off for an hour after a suspected blackhole, which trips when
+        # a blackholed uplink recovers (Documentation/networking/mptcp-sysctl.rst,
+        # blackhole_timeout; 0 disables it). Per namespace, so each one of the bed.
+        if os.path.exists("/proc/sys/net/mptcp/blackhole_timeout"):
+            ns.sysctl("net.mptcp.blackhole_timeout", 0)
 
     def _veth(self, a: Netns, a_if: str, b: Netns, b_if: str) -> None:
         # Created inside `a` with the peer placed straight into `b`: no names in the root

@@ -4,11 +4,17 @@ Why a socket in the client and not inet_diag: only the client knows which MPTCP 
 tunnels, for which LAN peer and target; it reads each tunnel's subflows with getsockopt on the
 socket it owns (common/mptcpinfo.py), which needs no privileges and works per connection.
 
-Where: by default an abstract unix socket `@mptun/client/<pid>`. Abstract names belong to the
-network namespace (unix(7)), so clients in different namespaces or test beds never collide, and
-`mptun status` finds every client of its namespace in /proc/net/unix. They have no file
-permissions, so the server checks the peer's credentials (SO_PEERCRED): only root and the
-client's own user get an answer (the answer names LAN peers and targets).
+Where: by default an abstract unix socket `@mptun/client/<pid>-<16 random hex digits>`.
+Abstract names belong to the network namespace (unix(7)), so clients in different namespaces or
+test beds never collide, and `mptun status` finds every client of its namespace in
+/proc/net/unix. Abstract names have no owner or permissions: any local user may bind any name
+first, or bind one that looks like a client's. Hence the random part (a name bound in advance
+cannot be the one a client picks), and credentials checked both ways with SO_PEERCRED
+(unix(7): the peer's pid, uid and gid when it called connect or listen): the client answers
+only root and its own user (the answer names LAN peers and targets), and `mptun status` reads
+only a socket whose listener runs as its own user (root reads root's clients), so another
+user's socket cannot pose as a client. What status reads is bounded in size and time, and
+checked for shape before anything is printed.
 """
 
 from __future__ import annotations
@@ -24,20 +30,51 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mptun.client.tunnel import Tunneler
 from mptun.common.errors import ConfigError, MptunError
+from mptun.common.logutil import BurstLog
 from mptun.common.mptcpinfo import connection_info
+
+if TYPE_CHECKING:  # `mptun status` reads this module: no tunnel code, no cryptography
+    from mptun.client.tunnel import Tunneler
 
 log = logging.getLogger("mptun.client")
 
 PREFIX = "@mptun/client/"
 # sun_path holds 108 bytes (unix(7)): a path needs its NUL, an abstract name its leading NUL.
 MAX_NAME_BYTES = 107
+# The largest status answer: the client drops tunnels from its answer to stay below it, and
+# `mptun status` stops reading there. A tunnel is about 200 bytes of JSON plus 150 a subflow
+# (measured), so this holds about 10,000 tunnels of 8 subflows.
+MAX_ANSWER = 16 * 1024 * 1024
+ANSWER_TIMEOUT = 5.0  # seconds for the whole answer, however it trickles
 
 
 def default_name() -> str:
-    return f"{PREFIX}{os.getpid()}"
+    """`@mptun/client/PID-RANDOM`: the random part is 64 bits, so no one can bind it first."""
+    # os.urandom, as secrets does, without importing secrets (hashlib, ~1 MB on the router)
+    return f"{PREFIX}{os.getpid()}-{os.urandom(8).hex()}"
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected unix socket."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+
+
+def encode_answer(doc: dict, limit: int = MAX_ANSWER) -> bytes:
+    """The status document as one JSON line of at most `limit` bytes: tunnels are left out
+    (newest last, so the oldest stay), and counted in `connections_omitted`, when it is bigger."""
+    data = json.dumps(doc).encode() + b"\n"
+    conns = doc.get("connections")
+    if len(data) <= limit or not isinstance(conns, list) or not conns:
+        return data
+    keep = len(conns)
+    while keep > 0 and len(data) > limit:
+        keep = keep * limit // len(data) * 9 // 10
+        trimmed = {**doc, "connections": conns[:keep], "connections_omitted": len(conns) - keep}
+        data = json.dumps(trimmed).encode() + b"\n"
+    return data
 
 
 def _bind_address(name: str) -> str:
@@ -74,6 +111,7 @@ class ControlServer:
         self.snapshot = snapshot
         self.sock: socket.socket | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._refused_log = BurstLog(log, logging.INFO)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -109,13 +147,11 @@ class ControlServer:
         assert self.loop is not None
         with conn:
             conn.setblocking(False)
-            pid, uid, _gid = struct.unpack(
-                "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            )
+            pid, uid, _gid = peer_credentials(conn)
             if uid not in (0, os.geteuid()):
-                log.info("control socket: refused status to uid %d (pid %d)", uid, pid)
+                self._refused_log("control socket: refused status to uid %d (pid %d)", uid, pid)
                 return
-            data = json.dumps(self.snapshot()).encode() + b"\n"
+            data = encode_answer(self.snapshot())
             try:
                 await self.loop.sock_sendall(conn, data)
             except OSError:
@@ -152,51 +188,197 @@ def _remove_stale(name: str) -> bool:
 
 
 def discover() -> list[str]:
-    """The control sockets of mptun clients in this network namespace (from /proc/net/unix)."""
+    """The listening sockets in this network namespace whose names look like a client's (from
+    /proc/net/unix). Anyone can bind such a name: `query` checks who listens."""
     try:
-        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+        with open("/proc/net/unix", "rb") as f:
+            raw = f.read(64 * 1024 * 1024)
     except OSError:
         return []
-    found = []
-    for line in lines:
+    found = set()
+    for line in raw.decode("utf-8", "replace").splitlines()[1:]:
         parts = line.split()
         # Num RefCount Protocol Flags Type St Inode Path; Flags 00010000 = listening
-        if len(parts) >= 8 and parts[7].startswith(PREFIX) and parts[3] == "00010000":
-            found.append(parts[7])
-    return sorted(set(found), key=lambda n: int(n.rsplit("/", 1)[1]) if n[-1].isdigit() else 0)
+        listening = len(parts) == 8 and parts[3] == "00010000"
+        if listening and parts[7].startswith(PREFIX) and check_control_name(parts[7]) is None:
+            found.add(parts[7])
+    return sorted(found, key=_pid_of)
 
 
-def query(name: str, timeout: float = 5.0) -> dict:
-    """Ask one client for its status; MptunError when it does not answer."""
+def _pid_of(name: str) -> tuple[int, str]:
+    head = name[len(PREFIX) :].split("-", 1)[0] if name.startswith(PREFIX) else ""
+    return (int(head) if head.isdigit() and len(head) < 10 else 0, name)
+
+
+class NotRead(MptunError):
+    """A control socket `mptun status` did not read; the text says why, without the name."""
+
+
+def query(name: str, timeout: float = ANSWER_TIMEOUT, limit: int = MAX_ANSWER) -> dict:
+    """Ask one client for its status; NotRead when it cannot or must not be read.
+
+    Only a socket whose listener runs as this user is read (root reads root's clients): any
+    user can bind an abstract name that looks like a client's. The answer is read for at most
+    `timeout` seconds in all and `limit` bytes.
+    """
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+    chunks: list[bytes] = []
+    size = 0
     try:
+        s.settimeout(timeout)
+        deadline = time.monotonic() + timeout
         s.connect(_bind_address(name))
-        chunks = []
+        pid, uid, _gid = peer_credentials(s)
+        me = os.geteuid()
+        if uid != me:
+            who = "root" if uid == 0 else f"uid {uid}"
+            if me == 0:
+                raise NotRead(
+                    f"listened on by {who} (pid {pid}), not root: not read, as any user can "
+                    "bind such a name (run `mptun status` as that user to read it)"
+                )
+            raise NotRead(
+                f"its client runs as {who} (pid {pid}); it answers only root and its own user "
+                f"(you are uid {me}): run `mptun status` as root"
+            )
         while True:
-            got = s.recv(65536)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NotRead(f"no complete answer within {timeout:g} s")
+            s.settimeout(left)
+            got = s.recv(min(1 << 20, limit + 1 - size))
             if not got:
                 break
             chunks.append(got)
+            size += len(got)
+            if size > limit:
+                raise NotRead(f"answer longer than {limit} bytes: not a client's status")
+    except TimeoutError:
+        raise NotRead(f"no complete answer within {timeout:g} s") from None
     except OSError as e:
-        raise MptunError(f"control socket {name}: {e.strerror or e}") from None
+        raise NotRead(e.strerror or str(e)) from None
     finally:
         s.close()
     if not chunks:
-        raise MptunError(f"control socket {name}: no answer (only root or the client's user)")
+        raise NotRead("closed without an answer")
     try:
-        return json.loads(b"".join(chunks))
-    except json.JSONDecodeError:
-        raise MptunError(f"control socket {name}: not a status document") from None
+        doc = json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise NotRead("not a status document (not JSON)") from None
+    return check_document(doc)
 
 
-def check_control_name(value: str) -> str | None:
+# The fields `mptun status` uses, with their JSON types; everything else in an answer is ignored.
+_NUMBER = (int, float)
+_CLIENT_FIELDS: dict[str, tuple[type, ...]] = {
+    "pid": (int,),
+    "server": (str,),
+    "servers": (list,),
+    "server_policy": (str,),
+    "when_down": (str,),
+    "transport": (str,),
+    "listeners": (list,),
+    "connections": (list,),
+    "counters": (dict,),
+    "uplink_health": (list,),
+}
+_UPLINK_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "state": (str,),
+    "reason": (str,),
+    "since": _NUMBER,
+    "changes": (int,),
+    "loss": _NUMBER,
+    "rtt_ms": _NUMBER,
+    "addresses": (list,),
+}
+_CONN_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "source": (str,),
+    "target": (str,),
+    "seconds": _NUMBER,
+    "kind": (str,),
+    "bytes_received": _NUMBER,
+    "bytes_acked": _NUMBER,
+    "subflows_max": (int,),
+    "subflows": (list,),
+    "detail": (str,),
+}
+_SERVER_FIELDS: dict[str, tuple[type, ...]] = {
+    "server": (str,),
+    "state": (str,),
+    "for_seconds": _NUMBER,
+    "rtt_ms": _NUMBER,
+    "reason": (str,),
+    "checks": (int,),
+    "checks_failed": (int,),
+}
+_SUBFLOW_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (int, str),
+    "local": (str,),
+    "remote": (str,),
+    "local_ip": (str,),
+    "bytes_received": _NUMBER,
+    "bytes_acked": _NUMBER,
+    "rtt_ms": _NUMBER,
+}
+
+
+def _typed(obj: object, fields: dict[str, tuple[type, ...]], where: str) -> dict:
+    """`obj` as a dict whose known fields have their types (None allowed), or NotRead."""
+    if not isinstance(obj, dict):
+        raise NotRead(f"not a status document ({where} is not an object)")
+    for key, types in fields.items():
+        value = obj.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            raise NotRead(f"not a status document ({where}.{key} has the wrong type)")
+    return obj
+
+
+def check_document(doc: object) -> dict:
+    """The answer, if it has the shape `mptun status` reads (types only: the text is cleaned
+    where it is printed); NotRead otherwise."""
+    doc = _typed(doc, _CLIENT_FIELDS, "the answer")
+    for item in doc.get("listeners") or []:
+        if not isinstance(item, str):
+            raise NotRead("not a status document (a listener is not text)")
+    for key, value in (doc.get("counters") or {}).items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise NotRead(f"not a status document (counter {clean(key)!r} is not a number)")
+    for server in doc.get("servers") or []:
+        _typed(server, _SERVER_FIELDS, "a server")
+    for uplink in doc.get("uplink_health") or []:
+        _typed(uplink, _UPLINK_FIELDS, "an uplink")
+    for conn in doc.get("connections") or []:
+        _typed(conn, _CONN_FIELDS, "a connection")
+        for sf in conn.get("subflows") or []:
+            _typed(sf, _SUBFLOW_FIELDS, "a subflow")
+    return doc
+
+
+def clean(value: object, limit: int = 200) -> str:
+    """`value` as text safe for a terminal: control, format and separator characters (an
+    escape sequence, a bidi override, a newline) shown as Python escapes; at most `limit` chars."""
+    text = str(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
+def check_control_name(value: str, allow_none: bool = True) -> str | None:
     """Why `value` cannot be a --control value, or None: caught at parse time, before any
-    listener starts."""
-    if value in ("auto", "none"):
+    listener starts. `allow_none`: `none` (no control socket) is a choice for the client, not
+    for `mptun status`."""
+    if value == "auto" or (value == "none" and allow_none):
         return None
+    if value == "none":
+        return "give auto, @NAME or a file path (none is for `mptun client`: no control socket)"
     if not value or value == "@":
-        return "give auto, none, @NAME or a file path"
+        return f"give auto, {'none, ' if allow_none else ''}@NAME or a file path"
     raw = value[1:] if value.startswith("@") else value
     try:
         size = len(raw.encode())

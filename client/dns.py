@@ -6,6 +6,12 @@ socket pair's far end is handed to `Tunneler.run`, the one path every listener s
 end writes the framed query and reads the framed answer. Identical queries in flight share one
 upstream exchange; at most `max_inflight` tunnels are open for DNS, at most `max_pending` queries
 wait, and beyond that queries get SERVFAIL at once instead of piling up.
+
+It must not become an amplifier for the internet (an open resolver): it binds to loopback or a
+LAN address unless told otherwise (`check_dns_bind`), a UDP answer is at most 1232 bytes (512
+without EDNS) and a source address other than loopback gets a limited rate of UDP answers
+(`SourceRateLimit`); DNS over TCP, which cannot be spoofed, has a whole-query deadline and a cap
+on connections instead.
 """
 
 from __future__ import annotations
@@ -15,21 +21,122 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 
 from mptun.client.dnscache import DnsCache, cache_key
+from mptun.client.socks import Reach, bind_reach
 from mptun.client.tunnel import Tunneler
 from mptun.common import dns
 from mptun.common.address import Address
-from mptun.common.errors import ProtocolError
+from mptun.common.errors import ConfigError, ProtocolError
 from mptun.common.listener import drain_tasks
 from mptun.common.logutil import BurstLog
-from mptun.common.sockets import family_of, sockaddr_address
+from mptun.common.sockets import family_of, sockaddr_address, unmapped
 
 log = logging.getLogger("mptun.client.dns")
 
 Exchange = Callable[[bytes], Awaitable[bytes]]
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# The largest UDP answer whatever the asker's EDNS size: DNS Flag Day 2020's default buffer size,
+# which fits a 1280-byte IPv6 minimum MTU without fragments (RFC 6891 6.2.5, RFC 8200 5).
+MAX_UDP_ANSWER = 1232
+# Linux socket option numbers Python 3.11's socket module lacks (IP_PKTINFO) or may lack:
+# include/uapi/linux/in.h and include/uapi/linux/in6.h.
+IP_PKTINFO = 8
+IPV6_RECVPKTINFO = 49
+IPV6_PKTINFO = 50
+DEFAULT_RATE_LIMIT = 50  # UDP queries a second per source address (--dns-rate-limit)
+RATE_BURST_SECONDS = 2.0  # a source may spend this many seconds' worth at once
+RATE_MAX_SOURCES = 4096  # buckets kept; the least recently seen source goes first
+TCP_QUERY_TIMEOUT = 10.0  # a whole query within this of the connection's start or last query
+TCP_MAX_CONNECTIONS = 128  # DNS-over-TCP connections at once from addresses other than loopback
+TCP_PER_SOURCE = 16  # ... and from one such address
+
+
+def is_local_source(ip: IP) -> bool:
+    """Whether queries from `ip` are exempt from the per-source limits: loopback (dnsmasq on the
+    router forwards the whole LAN from 127.0.0.1)."""
+    return unmapped(ip).is_loopback
+
+
+def check_dns_bind(bind: Address, allow_open: bool) -> None:
+    """Refuse a DNS listener the internet can reach (an open resolver) without --dns-open.
+
+    Loopback, private and link-local addresses are the LAN; the wildcard (in any spelling,
+    IPv4-mapped included) and public addresses need the explicit option.
+    """
+    reach = bind_reach(bind.host)  # type: ignore[arg-type]
+    if allow_open or reach in (Reach.LOOPBACK, Reach.LAN):
+        return
+    what = "all addresses" if reach is Reach.EVERYWHERE else "a public address"
+    raise ConfigError(
+        f"--dns {bind}: the DNS server binds only to loopback or a LAN address (e.g. "
+        "127.0.0.1:5353 for dnsmasq, or the router's LAN IP) unless --dns-open is given: "
+        f"{what} would answer anyone who reaches it, an open resolver"
+    )
+
+
+class SourceRateLimit:
+    """A token bucket per source address: `rate` queries a second, bursts of `burst`.
+
+    Loopback is exempt; 0 turns the limit off. At most `max_sources` buckets are kept (the least
+    recently seen goes first), so spoofed sources cannot grow the table without bound.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float | None = None,
+        max_sources: int = RATE_MAX_SOURCES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate, self.max_sources, self.clock = rate, max_sources, clock
+        self.burst = max(1.0, rate * RATE_BURST_SECONDS) if burst is None else burst
+        self._buckets: OrderedDict[IP, tuple[float, float]] = OrderedDict()  # tokens, when
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, ip: IP) -> bool:
+        """Take one token from `ip`'s bucket; False when it is empty."""
+        if self.rate <= 0 or is_local_source(ip):
+            return True
+        ip = unmapped(ip)
+        now = self.clock()
+        tokens, then = self._buckets.pop(ip, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        ok = tokens >= 1.0
+        self._buckets[ip] = (tokens - 1.0 if ok else tokens, now)
+        if len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)
+        return ok
+
+
+def udp_answer_limit(query: dns.Message) -> int:
+    """The largest UDP answer for `query`: its EDNS size up to 1232, or 512 without EDNS
+    (RFC 1035 4.2.1, RFC 6891 6.2.3-6.2.5)."""
+    return min(query.udp_limit, MAX_UDP_ANSWER) if query.opt else dns.MAX_UDP_PLAIN
+
+
+def fit_for_udp(reply: bytes, limit: int) -> bytes:
+    """`reply` if it fits `limit`, else its header and question with TC set, and the OPT record
+    (without options) when it had one (RFC 6891 7: an EDNS query gets an EDNS answer)."""
+    if len(reply) <= limit:
+        return reply
+    msg = dns.parse(reply)
+    out = dns.truncated_for_udp(reply, msg, limit)
+    opt = msg.opt
+    if opt is None:
+        return out
+    # root name, TYPE OPT, CLASS: the payload size this server accepts, TTL: extended RCODE,
+    # version and flags as upstream sent them, no options
+    record = b"\0" + struct.pack("!HHIH", dns.Type.OPT, MAX_UDP_ANSWER, opt.ttl, 0)
+    if len(out) + len(record) > limit:
+        return out
+    return out[:10] + struct.pack("!H", 1) + out[12:] + record
 
 
 class UpstreamError(Exception):
@@ -164,22 +271,70 @@ class DnsForwarder:
 
 
 class DnsTcpHandler:
-    """DNS over TCP from the LAN: pipelined queries answered concurrently (RFC 7766 6.2.1.1)."""
+    """DNS over TCP from the LAN: pipelined queries answered concurrently (RFC 7766 6.2.1.1).
+
+    Each whole query must arrive within `query_timeout` of the connection's start or of the
+    previous query: the deadline does not restart on each read, so a client trickling a byte at
+    a time cannot hold a connection open (RFC 7766 6.2.3 lets servers close idle connections).
+    Sources other than loopback hold at most `max_connections` connections, `per_source` each;
+    one more is closed at once.
+    """
 
     kind = "dns (tcp)"
 
     def __init__(
-        self, forwarder: DnsForwarder, idle_timeout: float = 10.0, per_connection: int = 16
+        self,
+        forwarder: DnsForwarder,
+        query_timeout: float = TCP_QUERY_TIMEOUT,
+        per_connection: int = 16,
+        max_connections: int = TCP_MAX_CONNECTIONS,
+        per_source: int = TCP_PER_SOURCE,
     ) -> None:
-        self.forwarder, self.idle_timeout, self.per_connection = (
+        self.forwarder, self.query_timeout, self.per_connection = (
             forwarder,
-            idle_timeout,
+            query_timeout,
             per_connection,
         )
+        self.max_connections, self.per_source = max_connections, per_source
+        self._open: Counter[IP] = Counter()  # connections of non-loopback sources
+        self._refusal_log = BurstLog(log, logging.INFO)
+
+    def _admit(self, ip: IP) -> bool:
+        """Count a new connection from `ip` in, unless it is over a limit."""
+        if is_local_source(ip):
+            return True
+        if sum(self._open.values()) >= self.max_connections or self._open[ip] >= self.per_source:
+            return False
+        self._open[ip] += 1
+        return True
+
+    def _release(self, ip: IP) -> None:
+        if is_local_source(ip):
+            return
+        self._open[ip] -= 1
+        if self._open[ip] <= 0:
+            del self._open[ip]
 
     async def handle(self, sock: socket.socket, peer: tuple) -> None:
+        ip = sockaddr_address(peer).host
+        assert not isinstance(ip, str)
+        if not self._admit(ip):
+            self.forwarder.counters["dns-tcp-refused"] += 1
+            self._refusal_log(
+                "dns %s: over the DNS-over-TCP connection limit (%d, %d per address): closed",
+                ip,
+                self.max_connections,
+                self.per_source,
+            )
+            sock.close()
+            return
+        try:
+            await self._serve(sock, str(sockaddr_address(peer)))
+        finally:
+            self._release(ip)
+
+    async def _serve(self, sock: socket.socket, source: str) -> None:
         loop = asyncio.get_running_loop()
-        source = str(sockaddr_address(peer))
         framer = dns.TcpFramer()
         slots = asyncio.Semaphore(self.per_connection)
         lock = asyncio.Lock()
@@ -197,18 +352,23 @@ class DnsTcpHandler:
                 slots.release()
 
         try:
+            deadline = loop.time() + self.query_timeout
             while True:
-                async with asyncio.timeout(self.idle_timeout):
+                async with asyncio.timeout_at(deadline):
                     data = await loop.sock_recv(sock, 65536)
                 if not data:
                     break
                 framer.receive_data(data)
                 while (query := framer.next_message()) is not None:
-                    await slots.acquire()
+                    deadline = loop.time() + self.query_timeout  # the next query's turn
+                    async with asyncio.timeout_at(deadline):
+                        await slots.acquire()
                     t = loop.create_task(answer(query))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
-        except (TimeoutError, OSError):
+        except TimeoutError:
+            self.forwarder.counters["dns-tcp-timeout"] += 1
+        except OSError:
             pass
         finally:
             try:
@@ -230,8 +390,16 @@ class DnsUdpServer:
 
     kind = "dns (udp)"
 
-    def __init__(self, bind: Address, forwarder: DnsForwarder, max_datagram: int = 4096) -> None:
+    def __init__(
+        self,
+        bind: Address,
+        forwarder: DnsForwarder,
+        max_datagram: int = 4096,
+        rate_limit: SourceRateLimit | None = None,
+    ) -> None:
         self.bind, self.forwarder, self.max_datagram = bind, forwarder, max_datagram
+        self.rate_limit = SourceRateLimit(DEFAULT_RATE_LIMIT) if rate_limit is None else rate_limit
+        self._limit_log = BurstLog(log, logging.WARNING)
         self.sock: socket.socket | None = None
         self.tasks: set[asyncio.Task] = set()
         self._pktinfo = False
@@ -246,9 +414,9 @@ class DnsUdpServer:
             if family == socket.AF_INET6:
                 if wildcard:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
             elif wildcard:
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_PKTINFO, 1)
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             sock.bind(self.bind.sockaddr())
         except BaseException:
             sock.close()
@@ -269,6 +437,15 @@ class DnsUdpServer:
                 return
             except OSError:
                 continue  # an ICMP error for an earlier answer: nothing to do
+            source = sockaddr_address(addr).host
+            assert not isinstance(source, str)
+            if not self.rate_limit.allow(source):
+                # dropped, not answered: an answer of any size would still reach a spoofed victim
+                self.forwarder.counters["dns-rate-limited"] += 1
+                self._limit_log(
+                    "dns %s: over %g queries a second: dropping", source, self.rate_limit.rate
+                )
+                continue
             if len(self.tasks) >= self.forwarder.max_pending:
                 self.forwarder.counters["dns-udp-dropped"] += 1
                 continue
@@ -282,9 +459,9 @@ class DnsUdpServer:
         if reply is None or self.sock is None:
             return
         try:
-            limit = dns.parse(data).udp_limit
+            limit = udp_answer_limit(dns.parse(data))
             if len(reply) > limit:
-                reply = dns.truncated_for_udp(reply, dns.parse(reply), limit)
+                reply = fit_for_udp(reply, limit)
                 self.forwarder.counters["dns-udp-truncated"] += 1
         except ProtocolError:
             return
@@ -308,11 +485,11 @@ class DnsUdpServer:
 def _pktinfo(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, bytes] | None:
     """The control message that sends an answer from the address the query came to."""
     for level, kind, data in ancdata:
-        if level == socket.IPPROTO_IP and kind == socket.IP_PKTINFO and len(data) >= 12:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
             # struct in_pktinfo {int ifindex; in_addr spec_dst; in_addr addr;}: reply from addr
             ifindex = struct.unpack_from("i", data)[0]
             return level, kind, struct.pack("i4s4s", ifindex, data[8:12], b"\0" * 4)
-        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
             # struct in6_pktinfo {in6_addr addr; int ifindex;}, IPv4-mapped for IPv4 queries
             return level, kind, data[:20]
     return None

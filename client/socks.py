@@ -1,16 +1,29 @@
-"""The SOCKS5 listener: the target comes from the client's CONNECT request."""
+"""The SOCKS5 listener: the target comes from the client's CONNECT request.
+
+Sharing among the LAN's hosts: each source address may hold `--socks-per-client` connections,
+and as many unfinished SOCKS handshakes (a new one closes its oldest), so silent or slow
+connections cannot lock a source's other programs out; wrong passwords are throttled per source
+(`AuthThrottle`). Loopback is one source for the last two (any local program can pick any 127.x
+address) and has no cap on its connections: every local program connects from it, so one
+program's connections would lock out all others (`--max-connections` still bounds them all).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import logging
 import socket
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
 
 from mptun.client import socks5
 from mptun.client.tunnel import Tunneler
 from mptun.common.address import format_sockaddr
+from mptun.common.crypto import read_secret_file
+from mptun.common.errors import ConfigError
 from mptun.common.handshake import ConnectStatus
 from mptun.common.logutil import BurstLog
 from mptun.common.sockets import reset
@@ -27,11 +40,125 @@ class ReplyPolicy(enum.Enum):
 _SOCKS_REPLY = {
     ConnectStatus.DNS_FAILURE: socks5.Reply.HOST_UNREACHABLE,
     ConnectStatus.MODE_REFUSED: socks5.Reply.GENERAL_FAILURE,
+    ConnectStatus.SERVER_FULL: socks5.Reply.GENERAL_FAILURE,
 }
 
 
 def socks_reply_for(status: ConnectStatus) -> socks5.Reply:
     return _SOCKS_REPLY.get(status) or socks5.Reply(int(status))
+
+
+def socks_credentials(
+    user: str | None, password: str | None, password_file: str | None
+) -> tuple[str, str] | None:
+    """RFC 1929 user and password from the options, or None; one-line errors for bad pairs."""
+    if password is not None and password_file is not None:
+        raise ConfigError("give --socks-password or --socks-password-file, not both")
+    if password_file is not None:
+        password = read_password_file(password_file)
+    if (user is None) != (password is None):
+        raise ConfigError(
+            "--socks-user goes with --socks-password-file (or --socks-password), and they with it"
+        )
+    return (user, password) if user is not None and password is not None else None
+
+
+def read_password_file(path: str) -> str:
+    """The password in a --socks-password-file: its one line, checked like the key file."""
+    what = "--socks-password-file"
+    text = read_secret_file(path, what, "one line: the SOCKS password")
+    line = text.removesuffix("\n").removesuffix("\r")
+    if "\n" in line or "\r" in line:
+        raise ConfigError(f"{what} {path}: more than one line (the password is one line)")
+    size = len(line.encode())
+    if not 1 <= size <= 255:
+        raise ConfigError(f"{what} {path}: the password is {size} bytes; RFC 1929 allows 1-255")
+    return line
+
+
+class Reach(enum.Enum):
+    """Who can reach a listener bound to an address."""
+
+    LOOPBACK = "loopback"  # this machine only
+    LAN = "lan"  # private or link-local: the LAN
+    EVERYWHERE = "everywhere"  # a wildcard: every address of the machine, the WAN's too
+    PUBLIC = "public"  # a public address: the internet
+
+
+def bind_reach(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Reach:
+    """Who reaches a listener bound to `ip`, whatever spelling the address has.
+
+    An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) binds the IPv4 address a.b.c.d, and
+    `::ffff:0.0.0.0` binds every IPv4 address (net/ipv6/af_inet6.c `__inet6_bind`: a mapped
+    address is bound as its IPv4 address; measured: a listener on it accepts connections to
+    127.0.0.2), though Python calls all of ::ffff:0:0/96 private; so the mapped address is judged
+    as the IPv4 address it is. A scope (`::%eth0`) does not narrow the wildcard.
+    """
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = ip.ipv4_mapped or ipaddress.IPv6Address(int(ip))  # int(): drop any %scope
+    if ip.is_unspecified:
+        return Reach.EVERYWHERE
+    if ip.is_loopback:
+        return Reach.LOOPBACK
+    if ip.is_private or ip.is_link_local:
+        return Reach.LAN
+    return Reach.PUBLIC
+
+
+def source_key(ip: str) -> str:
+    """The source a connection counts against: its address (an IPv4-mapped one as IPv4), and
+    "loopback" for every loopback address."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return "loopback" if addr.is_loopback else str(addr)
+
+
+class AuthThrottle:
+    """Wrong SOCKS passwords per source: a token bucket each, `burst` tries, then one more per
+    `interval` seconds; an attempt without a token is refused unchecked.
+
+    Memory is bounded: at most `max_sources` buckets, the least recently failing forgotten first
+    (a forgotten source starts again with a full bucket). A source with a full bucket has no
+    entry, so good logins cost nothing.
+    """
+
+    def __init__(
+        self,
+        burst: int = 10,
+        interval: float = 1.0,
+        max_sources: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst, self.interval, self.max_sources = burst, interval, max_sources
+        self.clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
+
+    def _tokens(self, source: str, now: float) -> float:
+        got = self._buckets.get(source)
+        if got is None:
+            return float(self.burst)
+        tokens, when = got
+        return min(float(self.burst), tokens + (now - when) / self.interval)
+
+    def may_try(self, source: str) -> bool:
+        """Whether `source` may have a password checked now."""
+        return self._tokens(source, self.clock()) >= 1
+
+    def failed(self, source: str) -> None:
+        """A wrong password from `source` was checked: it costs a token."""
+        now = self.clock()
+        tokens = self._tokens(source, now) - 1
+        self._buckets.pop(source, None)
+        self._buckets[source] = (max(tokens, 0.0), now)
+        while len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class SocksListener:
@@ -46,18 +173,24 @@ class SocksListener:
         credentials: tuple[str, str] | None = None,
         handshake_timeout: float = 10.0,
         per_client: int = 256,
+        throttle: AuthThrottle | None = None,
     ) -> None:
         self.tunneler, self.policy, self.credentials = tunneler, policy, credentials
         self.handshake_timeout = handshake_timeout
         self.per_client = per_client
+        self.throttle = throttle or AuthThrottle()
         self._per_client: Counter[str] = Counter()
+        # source -> its sockets in the SOCKS handshake, oldest first
+        self._handshaking: dict[str, OrderedDict[int, socket.socket]] = {}
         self._bad_log = BurstLog(log, logging.INFO)
         self._limit_log = BurstLog(log, logging.WARNING)
+        self._evict_log = BurstLog(log, logging.WARNING)
 
     async def handle(self, sock: socket.socket, peer: tuple) -> None:
         """One SOCKS connection, within the per-address limit (one greedy host cannot starve)."""
         host = str(peer[0])
-        if self._per_client[host] >= self.per_client:
+        key = source_key(host)
+        if key != "loopback" and self._per_client[host] >= self.per_client:
             self.tunneler.counters["socks-per-client"] += 1
             self._limit_log(
                 "socks %s: %d connections open from this address (--socks-per-client): resetting",
@@ -68,22 +201,55 @@ class SocksListener:
             return
         self._per_client[host] += 1
         try:
-            await self._handle(sock, peer)
+            await self._handle(sock, peer, key)
         finally:
             self._per_client[host] -= 1
             if not self._per_client[host]:
                 del self._per_client[host]
 
-    async def _handle(self, sock: socket.socket, peer: tuple) -> None:
+    def _begin_handshake(self, key: str, sock: socket.socket) -> None:
+        """Count `sock` among `key`'s unfinished handshakes; at `per_client` of them, close the
+        oldest (its pending read ends, and its task closes it). A handshake takes a round trip
+        or two, so a legitimate one is closed only if its source opens that many more
+        connections meanwhile."""
+        waiting = self._handshaking.setdefault(key, OrderedDict())
+        if len(waiting) >= self.per_client:
+            _, oldest = waiting.popitem(last=False)
+            self.tunneler.counters["socks-handshake-evicted"] += 1
+            self._evict_log(
+                "socks %s: %d unfinished SOCKS handshakes from this source: closing the oldest",
+                key,
+                self.per_client,
+            )
+            try:
+                oldest.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        waiting[id(sock)] = sock
+
+    def _end_handshake(self, key: str, sock: socket.socket) -> None:
+        waiting = self._handshaking.get(key)
+        if waiting is not None:
+            waiting.pop(id(sock), None)
+            if not waiting:
+                del self._handshaking[key]
+
+    async def _handle(self, sock: socket.socket, peer: tuple, key: str) -> None:
         loop = asyncio.get_running_loop()
         cid = self.tunneler.next_id()
         source = f"socks {format_sockaddr(peer)}"
-        hs = socks5.Socks5Handshake(self.credentials)
+        hs = socks5.Socks5Handshake(self.credentials, lambda: self.throttle.may_try(key))
+        self._begin_handshake(key, sock)
         try:
             async with asyncio.timeout(self.handshake_timeout):
                 target = await _negotiate(loop, sock, hs)
         except socks5.SocksError as e:
             self.tunneler.counters["socks-refused"] += 1
+            if isinstance(e, socks5.AuthFailed):
+                if e.checked:
+                    self.throttle.failed(key)
+                else:
+                    self.tunneler.counters["socks-auth-throttled"] += 1
             self._bad_log("%s %s: %s", cid, source, e)
             try:
                 if e.response:
@@ -99,7 +265,12 @@ class SocksListener:
         except BaseException:
             sock.close()
             raise
+        finally:
+            self._end_handshake(key, sock)
         early = hs.trailing_data
+        if self.tunneler.rejecting:  # every server down, --when-down reject: say so at once
+            await self.tunneler.run(cid, source, sock, target, early, on_status=self._refused(sock))
+            return
         if self.policy is ReplyPolicy.OPTIMISTIC:
             try:
                 await loop.sock_sendall(sock, socks5.reply(socks5.Reply.SUCCEEDED))
@@ -116,6 +287,18 @@ class SocksListener:
         await self.tunneler.run(
             cid, source, sock, target, early, on_status=on_status, wait_for_early_data=False
         )
+
+    @staticmethod
+    def _refused(sock: socket.socket) -> Callable[[ConnectStatus], Awaitable[bool]]:
+        """The status hook of a connection that will be refused: the failure reply."""
+
+        async def on_status(status: ConnectStatus) -> bool:
+            await asyncio.get_running_loop().sock_sendall(
+                sock, socks5.reply(socks_reply_for(status))
+            )
+            return status == ConnectStatus.SUCCEEDED
+
+        return on_status
 
 
 async def _negotiate(

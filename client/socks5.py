@@ -8,7 +8,7 @@ the request stays in `trailing_data` and becomes early data of the tunnel's firs
 from __future__ import annotations
 
 import enum
-import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mptun.common import address as addr_codec
@@ -76,13 +76,27 @@ class SocksError(ProtocolError):
         self.response = response
 
 
-class Socks5Handshake:
-    """One SOCKS5 server-side handshake. `credentials` (user, password) turns on RFC 1929."""
+class AuthFailed(SocksError):
+    """Wrong RFC 1929 credentials (`checked`), or an attempt refused unchecked (throttled)."""
 
-    def __init__(self, credentials: tuple[str, str] | None = None) -> None:
+    def __init__(self, message: str, response: bytes, checked: bool) -> None:
+        super().__init__(message, response)
+        self.checked = checked
+
+
+class Socks5Handshake:
+    """One SOCKS5 server-side handshake. `credentials` (user, password) turns on RFC 1929;
+    `may_try()` is asked when they arrive: False refuses them without comparing (throttled)."""
+
+    def __init__(
+        self,
+        credentials: tuple[str, str] | None = None,
+        may_try: Callable[[], bool] | None = None,
+    ) -> None:
         self._creds = (
             (credentials[0].encode(), credentials[1].encode()) if credentials is not None else None
         )
+        self._may_try = may_try
         self._buf = bytearray()
         self._state = "greeting"
         self._error: SocksError | None = None
@@ -100,6 +114,11 @@ class Socks5Handshake:
 
     def _fail(self, message: str, response: bytes = b"") -> SocksError:
         self._error = SocksError(message, response)
+        self._state = "error"
+        return self._error
+
+    def _auth_failed(self, message: str, checked: bool) -> SocksError:
+        self._error = AuthFailed(message, bytes([AUTH_VERSION, 0x01]), checked)
         self._state = "error"
         return self._error
 
@@ -142,11 +161,19 @@ class Socks5Handshake:
             user, password = bytes(buf[2 : 2 + ulen]), bytes(buf[3 + ulen : end])
             del buf[:end]
             assert self._creds is not None
+            if self._may_try is not None and not self._may_try():
+                raise self._auth_failed(
+                    "too many wrong passwords from this address: refused without checking",
+                    checked=False,
+                )
+            # Here: hmac imports hashlib and OpenSSL's libcrypto (~0.7 MB), needed only with auth.
+            import hmac
+
             ok = hmac.compare_digest(user, self._creds[0]) & hmac.compare_digest(
                 password, self._creds[1]
             )
             if not ok:
-                raise self._fail("wrong username or password", bytes([AUTH_VERSION, 0x01]))
+                raise self._auth_failed("wrong username or password", checked=True)
             self._state = "request"
             return Send(bytes([AUTH_VERSION, 0x00]))
         if self._state == "request":
@@ -157,6 +184,8 @@ class Socks5Handshake:
             cmd = buf[1]
             try:
                 decoded = addr_codec.decode(buf, 3)
+            except addr_codec.InvalidName as e:  # refused here, never sent to the server
+                raise self._fail(str(e), reply(Reply.HOST_UNREACHABLE)) from None
             except ProtocolError:
                 raise self._fail(
                     "unsupported address type", reply(Reply.ADDRESS_TYPE_NOT_SUPPORTED)

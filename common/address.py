@@ -17,6 +17,16 @@ ATYP_IPV4 = 0x01
 ATYP_DOMAIN = 0x03
 ATYP_IPV6 = 0x04
 
+# RFC 1035 section 2.3.4: a label is at most 63 octets and a name at most 255 octets in its wire
+# form (length bytes and the root label included), which is 253 characters of text without the
+# trailing dot. What Python's "idna" codec (used by getaddrinfo) and resolvers refuse must fail
+# here, where the peer can be told, not later in a lookup.
+MAX_LABEL_LEN = 63
+MAX_NAME_LEN = 253
+# Letters, digits and hyphen (RFC 1123 section 2.1), and underscore, which service names
+# (`_sip._tcp`, RFC 2782) and some real host names carry and getaddrinfo resolves.
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -49,19 +59,22 @@ class Address:
         if not 0 <= self.port <= 0xFFFF:
             raise UsageError(f"port out of range: {self.port}")
         if isinstance(self.host, str):
-            raw = self.host.encode("idna") if not self.host.isascii() else self.host.encode()
-            if not 0 < len(raw) <= 255:
-                raise UsageError(f"domain name must be 1-255 bytes: {self.host!r}")
+            why = name_problem(_ascii_name(self.host))
+            if why is not None:
+                raise UsageError(f"invalid host name {self.host!r}: {why}")
 
     @property
     def is_domain(self) -> bool:
         return isinstance(self.host, str)
 
     @classmethod
-    def parse(cls, text: str, default_port: int | None = None) -> Address:
-        """Parse `host:port`, `1.2.3.4:port` or `[2001:db8::1]:port` (the port may be defaulted)."""
+    def parse(
+        cls, text: str, default_port: int | None = None, *, any_port: bool = False
+    ) -> Address:
+        """Parse `host:port`, `1.2.3.4:port` or `[2001:db8::1]:port` (the port may be defaulted;
+        `any_port` also takes port 0, for a listener whose port the kernel picks)."""
         text = text.strip()
-        host, port = _split_host_port(text, default_port)
+        host, port = _split_host_port(text, default_port, any_port)
         try:
             return cls(ip_or_name(host), port)
         except UsageError as e:
@@ -74,7 +87,7 @@ class Address:
             return bytes([ATYP_IPV4]) + self.host.packed + port
         if isinstance(self.host, ipaddress.IPv6Address):
             return bytes([ATYP_IPV6]) + self.host.packed + port
-        name = self.host.encode("idna") if not self.host.isascii() else self.host.encode()
+        name = _ascii_name(self.host).encode("ascii")
         return bytes([ATYP_DOMAIN, len(name)]) + name + port
 
     def sockaddr(self) -> tuple:
@@ -89,6 +102,58 @@ class Address:
         return f"{self.host}:{self.port}"
 
 
+class InvalidName(ProtocolError):
+    """A domain target whose framing is sound but whose name no resolver takes (`a..b`, a label
+    of 64 characters): the request can be answered, unlike one whose bytes do not parse."""
+
+    status = Status.ADDRESS
+
+    def __init__(self, name: str, port: int, why: str, end: int) -> None:
+        super().__init__(f"invalid target name {name!r}: {why}")
+        self.name = name  # the name as received, printable (other bytes as \\xHH)
+        self.port = port
+        self.why = why
+        self.end = end  # offset after the address, as `decode` would return it
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` (ASCII text form) is not a host name a target may carry, or None if it is.
+
+    An IP literal sent as a name (SOCKS clients do that) is passed on as today; otherwise
+    labels of 1-63 letters, digits, `-` or `_`, at most 253 characters, one trailing dot allowed.
+    """
+    if "%" not in name:  # no IPv6 scope: Python takes any text after the '%'
+        try:
+            ipaddress.ip_address(name)
+            return None
+        except ValueError:
+            pass
+    text = name[:-1] if name.endswith(".") else name
+    if not text:
+        return "empty name"
+    if len(text) > MAX_NAME_LEN:
+        return f"{len(text)} characters (at most {MAX_NAME_LEN}, RFC 1035)"
+    for label in text.split("."):
+        if not label:
+            return "empty label"
+        if len(label) > MAX_LABEL_LEN:
+            return f"label of {len(label)} characters (at most {MAX_LABEL_LEN}, RFC 1035)"
+        bad = next((c for c in label if c not in _NAME_CHARS), None)
+        if bad is not None:
+            return f"character {bad!r} (letters, digits, '-', '_' and '.' only)"
+    return None
+
+
+def _ascii_name(host: str) -> str:
+    """The ASCII form of a name: itself, or IDNA (punycode) for international names."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise UsageError(f"invalid host name {host!r}: not a valid IDNA name") from None
+
+
 def ip_or_name(host: str) -> str | IPAddress:
     """An `ipaddress` object when `host` is a literal IP address, else the name itself."""
     try:
@@ -100,7 +165,9 @@ def ip_or_name(host: str) -> str | IPAddress:
     return host
 
 
-def _split_host_port(text: str, default_port: int | None) -> tuple[str, int]:
+def _split_host_port(
+    text: str, default_port: int | None, any_port: bool = False
+) -> tuple[str, int]:
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
@@ -123,8 +190,9 @@ def _split_host_port(text: str, default_port: int | None) -> tuple[str, int]:
         if default_port is None:
             raise UsageError(f"bad address {text!r}: expected HOST:PORT")
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) <= 0xFFFF:
-        raise UsageError(f"bad address {text!r}: port must be 1-65535")
+    lowest = 0 if any_port else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) <= 0xFFFF:
+        raise UsageError(f"bad address {text!r}: port must be {lowest}-65535")
     return host, int(port_text)
 
 
@@ -132,7 +200,8 @@ def decode(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[Addres
     """Decode a SOCKS5-form address at `offset`.
 
     Returns (address, offset after it), or None when `buf` ends before the address does.
-    Raises ProtocolError(ADDRESS) on an unknown ATYP or an empty/invalid domain.
+    Raises ProtocolError(ADDRESS) on an unknown ATYP, and its subclass `InvalidName` on a
+    complete domain address whose name `name_problem` refuses.
     """
     if len(buf) <= offset:
         return None
@@ -155,9 +224,13 @@ def decode(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[Addres
         if len(buf) < end + 2:
             return None
         raw = bytes(buf[offset + 2 : end])
-        if n == 0 or not all(0x21 <= b < 0x7F for b in raw):
-            raise ProtocolError("invalid domain name in address", Status.ADDRESS)
-        host = raw.decode("ascii")
+        port = int.from_bytes(buf[end : end + 2], "big")
+        text = raw.decode("ascii", "backslashreplace")
+        why = "bytes that are not ASCII" if not raw.isascii() else name_problem(text)
+        if why is not None:
+            shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+            raise InvalidName(shown, port, why, end + 2)
+        host = text
     else:
         raise ProtocolError(f"unknown address type {atyp:#x}", Status.ADDRESS)
     port = int.from_bytes(buf[end : end + 2], "big")

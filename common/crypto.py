@@ -13,12 +13,15 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from typing import TYPE_CHECKING, Any
 
 from mptun.common.errors import ConfigError
+
+# `cryptography` is imported when a cipher or HKDF is first used, not with this module: the
+# commands that only read keys and options (`mptun uci`, `--help`, `nft`, `status`) skip its
+# ~10 MB and its import time on a router (benchmarks/footprint.py measures both).
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 KEY_LEN = 32
 TAG_LEN = 16
@@ -27,19 +30,25 @@ NONCE_LEN = 12
 
 @dataclass(frozen=True, slots=True)
 class CipherSpec:
-    """An AEAD the tunnel can use: its name, key length and `cryptography` class."""
+    """An AEAD the tunnel can use: its name, key length and `cryptography` class (or the name of
+    one in `cryptography.hazmat.primitives.ciphers.aead`, imported at the first `new`)."""
 
     name: str
     key_len: int
-    aead: type
+    aead: type | str
 
     def new(self, key: bytes) -> AESGCM | ChaCha20Poly1305:
-        return self.aead(key)
+        cls: Any = self.aead
+        if isinstance(cls, str):
+            from cryptography.hazmat.primitives.ciphers import aead
+
+            cls = getattr(aead, cls)
+        return cls(key)
 
 
 CIPHERS: dict[str, CipherSpec] = {
-    "aes-256-gcm": CipherSpec("aes-256-gcm", 32, AESGCM),
-    "chacha20-poly1305": CipherSpec("chacha20-poly1305", 32, ChaCha20Poly1305),
+    "aes-256-gcm": CipherSpec("aes-256-gcm", 32, "AESGCM"),
+    "chacha20-poly1305": CipherSpec("chacha20-poly1305", 32, "ChaCha20Poly1305"),
 }
 DEFAULT_CIPHER = "aes-256-gcm"
 
@@ -53,6 +62,9 @@ def cipher_by_name(name: str) -> CipherSpec:
 
 def hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
     """HKDF-SHA256 (RFC 5869)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
 
@@ -80,25 +92,85 @@ def decode_key(text: str, source: str = "key") -> bytes:
     return raw
 
 
-def load_key_file(path: str | os.PathLike[str], *, require_private: bool = True) -> bytes:
-    """Read a key file; refuse one that other users can read (the key is the whole secret)."""
+# A secret file is one short line; reading more than this is a mistake (a device, a wrong path).
+MAX_SECRET_FILE = 4096
+_WHO = ((stat.S_IRWXG, "the group"), (stat.S_IRWXO, "everyone"))
+_RIGHTS = (
+    (stat.S_IRGRP | stat.S_IROTH, "readable"),
+    (stat.S_IWGRP | stat.S_IWOTH, "writable"),
+    (stat.S_IXGRP | stat.S_IXOTH, "executable"),
+)
+
+
+def secret_file_problem(st: os.stat_result, euid: int) -> str | None:
+    """Why a secret file with this stat may not be trusted, or None.
+
+    Its owner must be root or the user running mptun: any other owner can rewrite it (or give
+    it away with chmod), as OpenSSH's StrictModes also requires. No permission for the group or
+    others: reading leaks the secret, writing lets them swap in one they know, and execute is
+    never meant; the message says which of these the mode gives and to whom.
+    """
+    if st.st_uid not in (0, euid):
+        return (
+            f"owned by uid {st.st_uid}, not by root or the user running mptun (uid {euid}), "
+            "so that user can change it"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return None
+    rights = " and ".join(word for bits, word in _RIGHTS if mode & bits)
+    whom = " and ".join(who for bits, who in _WHO if mode & bits)
+    return f"{rights} by other users ({whom}; mode {mode:o})"
+
+
+def read_secret_file(path: str | os.PathLike[str], what: str, hint: str) -> str:
+    """The text of a private secret file, or a one-line ConfigError naming `what` and the path.
+
+    Opened before it is checked, and checked through the open descriptor (fstat), so the file
+    read is the file judged; opened non-blocking so a FIFO cannot hang the start; a regular file
+    of at most MAX_SECRET_FILE bytes. `hint` says how to make a good one.
+    """
     p = Path(path)
     try:
-        st = p.stat()
-        text = p.read_text(encoding="ascii", errors="strict")
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
-        raise ConfigError(f"key file {p}: no such file (create one with `mptun genkey`)") from None
+        raise ConfigError(f"{what} {p}: no such file ({hint})") from None
     except PermissionError:
-        raise ConfigError(f"key file {p}: permission denied") from None
-    except IsADirectoryError:
-        raise ConfigError(f"key file {p}: is a directory") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"key file {p}: not a base64 text line") from None
+        raise ConfigError(f"{what} {p}: permission denied") from None
     except OSError as e:
-        raise ConfigError(f"key file {p}: {e.strerror}") from None
-    if require_private and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"key file {p}: readable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"run: chmod 600 {p}"
-        )
-    return decode_key(text, f"key file {p}")
+        raise ConfigError(f"{what} {p}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{what} {p}: is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} {p}: not a regular file")
+        why = secret_file_problem(st, os.geteuid())
+        if why is not None:
+            fix = f"chown {os.geteuid()} {p}" if "owned by" in why else f"chmod 600 {p}"
+            raise ConfigError(f"{what} {p}: {why}; run: {fix}")
+        data = b""
+        while len(data) <= MAX_SECRET_FILE:
+            got = os.read(fd, MAX_SECRET_FILE + 1 - len(data))
+            if not got:
+                break
+            data += got
+    except OSError as e:
+        raise ConfigError(f"{what} {p}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SECRET_FILE:
+        raise ConfigError(f"{what} {p}: longer than {MAX_SECRET_FILE} bytes ({hint})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {p}: not UTF-8 text ({hint})") from None
+
+
+def load_key_file(path: str | os.PathLike[str]) -> bytes:
+    """Read a key file; refuse one other users can read or change (the key is the whole secret)."""
+    hint = "create one with `mptun genkey`"
+    text = read_secret_file(path, "key file", hint)
+    if not text.isascii():
+        raise ConfigError(f"key file {Path(path)}: not a base64 text line ({hint})")
+    return decode_key(text, f"key file {Path(path)}")

@@ -21,20 +21,31 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 
 from mptun.common import address as addr_codec
-from mptun.common.address import Address
+from mptun.common.address import Address, InvalidName
 from mptun.common.crypto import KEY_LEN, NONCE_LEN, TAG_LEN, CipherSpec, hkdf, nonce
-from mptun.common.errors import ProtocolError, Status, UsageError
+from mptun.common.errors import ConfigError, ProtocolError, Status, UsageError
 from mptun.common.replay import ReplayGuard
 
 SALT_LEN = 32
-TYPE_REQUEST = 0x01
+TYPE_REQUEST = 0x01  # connect to a target (docs/PROTOCOL.md, "The request")
 TYPE_RESPONSE = 0x02
+TYPE_CHECK = 0x03  # health check: answered at once, nothing dialled (docs/PROTOCOL.md, "Checks")
 REQUEST_FIXED_LEN = 1 + 8 + 2  # type, timestamp, length of the variable part
 RESPONSE_FIXED_LEN = 1 + 1 + 2  # type, status, length of the variable part
 MAX_VARIABLE_LEN = 0xFFFF
+# The target older `mptun client --check` asked for in a connect request (docs/PROTOCOL.md,
+# "Checks"): the server still answers it NOT_ALLOWED without dialing, and logs it as a check.
+CHECK_TARGET = Address(addr_codec.ip_or_name("0.0.0.0"), 0)
 # Early data the client may put into its first flight (the variable part also holds address and
 # padding, and must fit a u16).
 MAX_EARLY_DATA = 16 * 1024
+# The client may replace the first bytes of salt_c with a fixed prefix (`--prefix`, so the first
+# flight starts with bytes a classifier takes for a known protocol; docs/PROTOCOL.md "Prefix").
+# At least 16 bytes stay random: salt_c keys the request (K_req) and a repeated salt repeats
+# K_req with the same two nonces, which under AES-GCM reveals the XOR of both plaintexts and
+# the authentication key. 128 random bits make a repeat after 2^32 flights about 2^-65 likely
+# (birthday bound); the replay cache keys on the whole salt, prefix included.
+MAX_PREFIX_LEN = 16
 
 LABEL_REQUEST = b"mptun v1 request"
 LABEL_RESPONSE = b"mptun v1 response"
@@ -61,6 +72,8 @@ class ConnectStatus(enum.IntEnum):
     TIMED_OUT = 6
     DNS_FAILURE = 7
     MODE_REFUSED = 8
+    SERVER_FULL = 9  # the replay cache is (nearly) full for this source: try later
+    UNSUPPORTED = 10  # authenticated, but of a request type this server does not know: too old
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +92,37 @@ class Request:
     mode: WireMode
     timestamp: int
     early_data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BadTarget:
+    """An authenticated first flight whose target name no resolver takes (`a..b`, a label of
+    64 characters): the server answers it (host unreachable) instead of dialling."""
+
+    target: str  # NAME:PORT as received, printable (other bytes as \xHH)
+    why: str
+    mode: WireMode
+    timestamp: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRequest:
+    """An authenticated health check (type 0x03): answered at once, nothing dialled."""
+
+    timestamp: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unsupported:
+    """An authenticated first flight of a type this version does not know: answered with
+    UNSUPPORTED rather than the silence that means "wrong key" (docs/PROTOCOL.md, "Versioning")."""
+
+    type: int
+    timestamp: int
+
+
+# Everything the server's machine hands out once a first flight has authenticated.
+ServerEvent = Request | BadTarget | CheckRequest | Unsupported
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +176,51 @@ def _check_psk(psk: bytes) -> None:
         raise UsageError(f"key must be {KEY_LEN} bytes")
 
 
+_ESCAPES = {"\\": 0x5C, "n": 0x0A, "r": 0x0D, "t": 0x09}
+
+
+def parse_prefix(text: str) -> bytes:
+    """The bytes of a `--prefix` value: printable ASCII as it is, `\\xHH` for any byte, and
+    `\\r`, `\\n`, `\\t`, `\\\\`; at most `MAX_PREFIX_LEN` bytes. ConfigError says what is wrong."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            code = text[i + 1 : i + 2]
+            if code == "x":
+                digits = text[i + 2 : i + 4]
+                if len(digits) != 2 or any(d not in "0123456789abcdefABCDEF" for d in digits):
+                    raise ConfigError(f"'{text[i : i + 4]}': \\x takes two hex digits, e.g. \\x16")
+                out.append(int(digits, 16))
+                i += 4
+                continue
+            if not code:
+                raise ConfigError("ends in a lone '\\' (write \\\\ for a backslash)")
+            if code not in _ESCAPES:
+                raise ConfigError(
+                    f"unknown escape '{text[i : i + 2]}' (\\xHH, \\r, \\n, \\t and \\\\ are known)"
+                )
+            out.append(_ESCAPES[code])
+            i += 2
+            continue
+        if not " " <= c <= "~":
+            raise ConfigError(f"{c!r}: write bytes other than printable ASCII as \\xHH")
+        out.append(ord(c))
+        i += 1
+    check_prefix(bytes(out))
+    return bytes(out)
+
+
+def check_prefix(prefix: bytes) -> None:
+    """Refuse a prefix that leaves fewer than SALT_LEN - MAX_PREFIX_LEN random salt bytes."""
+    if len(prefix) > MAX_PREFIX_LEN:
+        raise ConfigError(
+            f"{len(prefix)} bytes; at most {MAX_PREFIX_LEN}, so that {SALT_LEN - MAX_PREFIX_LEN} "
+            f"of the {SALT_LEN} salt bytes stay random"
+        )
+
+
 class _Machine:
     """Shared plumbing: an input buffer, a sticky error and exact-length reads."""
 
@@ -139,8 +228,10 @@ class _Machine:
         self._buf = bytearray()
         self._error: ProtocolError | None = None
         self._want = 0  # bytes the current step needs in total
+        self.received = 0  # bytes the peer sent so far: any at all tell "answered" from "silent"
 
     def receive_data(self, data: bytes) -> None:
+        self.received += len(data)
         self._buf += data
 
     def bytes_needed(self) -> int:
@@ -193,9 +284,10 @@ class ServerHandshake(_Machine):
         self._salt_c = b""
         self._salt_s = b""
         self._timestamp = 0
-        self._request: Request | None = None
+        self._type = TYPE_REQUEST
+        self._request: ServerEvent | None = None
 
-    def next_event(self) -> NeedData | Request:
+    def next_event(self) -> NeedData | ServerEvent:
         if self._error:
             raise self._error
         if self._state == "salt":
@@ -210,8 +302,9 @@ class ServerHandshake(_Machine):
             if sealed is None:
                 return NEED_DATA
             fixed = self._open(self._aead, 0, sealed, "request header")
-            if fixed[0] != TYPE_REQUEST:
-                raise self._fail(ProtocolError(f"not a request (type {fixed[0]:#x})"))
+            # Any type authenticates the same way; an unknown one is answered UNSUPPORTED once
+            # the whole flight has authenticated and passed the replay checks (below).
+            self._type = fixed[0]
             self._timestamp = int.from_bytes(fixed[1:9], "big")
             var_len = int.from_bytes(fixed[9:11], "big")
             self._state, self._want = "variable", var_len + TAG_LEN
@@ -220,7 +313,13 @@ class ServerHandshake(_Machine):
             if sealed is None:
                 return NEED_DATA
             var = self._open(self._aead, 1, sealed, "request body")
-            request = self._parse_variable(var)
+            request: ServerEvent
+            if self._type == TYPE_REQUEST:
+                request = self._parse_variable(var)
+            elif self._type == TYPE_CHECK:
+                request = CheckRequest(self._timestamp)  # its variable part is padding only
+            else:
+                request = Unsupported(self._type, self._timestamp)
             try:
                 self._replay.accept(self._salt_c, self._timestamp, self._clock())
             except ProtocolError as e:
@@ -230,7 +329,7 @@ class ServerHandshake(_Machine):
             return request
         return NEED_DATA
 
-    def _parse_variable(self, var: bytes) -> Request:
+    def _parse_variable(self, var: bytes) -> Request | BadTarget:
         try:
             mode = WireMode(var[0]) if var else None
         except ValueError:
@@ -239,6 +338,8 @@ class ServerHandshake(_Machine):
             raise self._fail(ProtocolError("unknown wire mode"))
         try:
             decoded = addr_codec.decode(var, 1)
+        except InvalidName as e:  # authenticated and framed: answer it (after the replay check)
+            return BadTarget(f"{e.name}:{e.port}", e.why, mode, self._timestamp)
         except ProtocolError as e:
             raise self._fail(e) from None
         except UsageError:
@@ -272,7 +373,7 @@ class ServerHandshake(_Machine):
         )
 
     def bulk_keys(self) -> BulkKeys:
-        if self._state != "responded":
+        if self._state != "responded" or self._type != TYPE_REQUEST:
             raise UsageError("bulk keys exist only after the response")
         return derive_bulk_keys(self._psk, self._cipher, self._salt_c, self._salt_s)
 
@@ -289,11 +390,18 @@ class ClientHandshake(_Machine):
         clock: Callable[[], float] = time.time,
         padding: Callable[[int], int] = default_request_padding,
         urandom: Callable[[int], bytes] = os.urandom,
+        prefix: bytes = b"",
+        kind: int = TYPE_REQUEST,
     ) -> None:
         super().__init__()
         _check_psk(psk)
+        check_prefix(prefix)
+        if not 0 <= kind <= 0xFF or kind == TYPE_RESPONSE:
+            raise UsageError(f"{kind:#x} is no request type")
+        self._kind = kind  # TYPE_REQUEST, TYPE_CHECK (target and mode unused), or a newer one
         self._psk, self._cipher, self._target, self._mode = psk, cipher, target, mode
         self._clock, self._padding, self._urandom = clock, padding, urandom
+        self._prefix = prefix  # the first bytes of salt_c (docs/PROTOCOL.md, "Prefix")
         self._state = "idle"
         self._salt_c = b""
         self._salt_s = b""
@@ -310,18 +418,21 @@ class ClientHandshake(_Machine):
             raise UsageError("first_flight() called twice")
         if len(early_data) > MAX_EARLY_DATA:
             raise UsageError(f"early data is limited to {MAX_EARLY_DATA} bytes")
-        self._salt_c = self._urandom(SALT_LEN)
+        self._salt_c = self._prefix + self._urandom(SALT_LEN - len(self._prefix))
         aead = self._cipher.new(_request_key(self._psk, self._salt_c))
         pad = self._padding(len(early_data))
-        var = (
-            bytes([int(self._mode)])
-            + self._target.encode()
-            + pad.to_bytes(2, "big")
-            + self._urandom(pad)
-            + early_data
-        )
+        if self._kind == TYPE_REQUEST:
+            var = (
+                bytes([int(self._mode)])
+                + self._target.encode()
+                + pad.to_bytes(2, "big")
+                + self._urandom(pad)
+                + early_data
+            )
+        else:  # a check: padding only (docs/PROTOCOL.md, "Checks")
+            var = pad.to_bytes(2, "big") + self._urandom(pad) + early_data
         fixed = (
-            bytes([TYPE_REQUEST])
+            bytes([self._kind])
             + int(self._clock()).to_bytes(8, "big")
             + len(var).to_bytes(2, "big")
         )

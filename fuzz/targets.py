@@ -20,11 +20,15 @@ from mptun.common.handshake import (
     REQUEST_FIXED_LEN,
     RESPONSE_FIXED_LEN,
     SALT_LEN,
+    BadTarget,
+    CheckRequest,
     ClientHandshake,
     NeedData,
     Request,
     Response,
+    ServerEvent,
     ServerHandshake,
+    Unsupported,
     _request_key,
     _response_key,
 )
@@ -56,7 +60,7 @@ def chunks_of(sizes: list[int]) -> Chunker:
     return cut
 
 
-def _drive(machine, data: bytes, chunker: Chunker, done: type) -> object | None:
+def _drive(machine, data: bytes, chunker: Chunker, done: type | tuple[type, ...]) -> object | None:
     """Feed chunks while the machine wants data; return its event, or None if it still waits."""
     for piece in chunker(data):
         machine.receive_data(piece)
@@ -75,15 +79,16 @@ def sealed_request(fixed: bytes, variable: bytes, salt: bytes = b"\x07" * SALT_L
     return salt + aead.encrypt(nonce(0), fixed, None) + aead.encrypt(nonce(1), variable, None)
 
 
-def server_handshake(data: bytes, chunker: Chunker = whole) -> Request | None:
+def server_handshake(data: bytes, chunker: Chunker = whole) -> ServerEvent | None:
     """Raw bytes (mostly failing authentication) into the server's handshake."""
     hs = ServerHandshake(PSK, CIPHER, ReplayGuard(), clock=lambda: NOW)
+    done = (Request, BadTarget, CheckRequest, Unsupported)  # a check, a type unknown here
     try:
-        event = _drive(hs, data, chunker, Request)
+        event = _drive(hs, data, chunker, done)
     except ProtocolError:
         return None
     if event is not None:
-        assert isinstance(event, Request)
+        assert isinstance(event, done)
     return event  # type: ignore[return-value]
 
 
@@ -98,7 +103,7 @@ def server_plaintext(fixed: bytes, variable: bytes, fix_length: bool, chunker: C
     if len(variable) > 0xFFFF:
         variable = variable[:0xFFFF]
     request = server_handshake(sealed_request(fixed, variable), chunker)
-    if request is not None:  # what parsed must re-encode to the bytes it came from
+    if isinstance(request, Request):  # what parsed must re-encode to the bytes it came from
         assert request.target.encode() in variable
         assert variable.endswith(request.early_data)
     return request

@@ -11,9 +11,12 @@ from pathlib import Path
 
 from mptun.common.address import Address
 from mptun.common.crypto import DEFAULT_CIPHER, cipher_by_name
+from mptun.common.errors import ConfigError
 from mptun.common.relay import RelaySettings
 from mptun.common.replay import DEFAULT_CAPACITY, DEFAULT_WINDOW
+from mptun.server.admission import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE
 from mptun.server.policy import TargetPolicy, parse_cidrs
+from mptun.server.resolver import MAX_NAMESERVERS
 from mptun.server.service import ServerConfig
 
 
@@ -26,16 +29,20 @@ class ServerSettings:
     cipher: str = DEFAULT_CIPHER
     allow_target: tuple[str, ...] = ()  # CIDRs
     allow_private: bool = False
+    nameserver: tuple[Address, ...] = ()  # replaces /etc/resolv.conf's nameservers
     relay: RelaySettings = field(default_factory=RelaySettings)
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
     idle_timeout: float | None = None
-    max_connections: int = 4096
+    max_connections: int | None = None  # None: not given (the default, lowered quietly)
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    max_handshakes_per_source: int = DEFAULT_MAX_HANDSHAKES_PER_SOURCE
     replay_window: float = DEFAULT_WINDOW
     replay_capacity: int = DEFAULT_CAPACITY
     replay_file: str | None = None
     stats_file: str | None = None
     drain_timeout: float = 10.0  # on SIGTERM
+    log_connections: bool = False  # each connection's lines at info, not debug
 
 
 def server_config(s: ServerSettings) -> ServerConfig:
@@ -55,4 +62,15 @@ def server_config(s: ServerSettings) -> ServerConfig:
         replay_capacity=s.replay_capacity,
         replay_file=Path(s.replay_file) if s.replay_file else None,
         max_connections=s.max_connections,
+        max_handshakes=s.max_handshakes,
+        max_handshakes_per_source=s.max_handshakes_per_source,
+        nameservers=nameservers(s.nameserver),
+        log_connections=s.log_connections,
     )
+
+
+def nameservers(servers: tuple[Address, ...]) -> tuple[Address, ...]:
+    """`--nameserver` values as given; ConfigError past glibc's three (MAXNS)."""
+    if len(servers) > MAX_NAMESERVERS:
+        raise ConfigError(f"nameserver: at most {MAX_NAMESERVERS}, got {len(servers)}")
+    return servers

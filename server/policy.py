@@ -6,6 +6,13 @@ inside IPv6 forms are unwrapped first: IPv4-mapped (`::ffff:127.0.0.1`, which Py
 `ipaddress` does not call loopback), IPv4-compatible, 6to4 (2002::/16) and NAT64 (64:ff9b::/96).
 Note: `ipaddress` counts the documentation ranges (192.0.2.0/24, ...) as private, so test beds
 open them with `--allow-target`.
+
+The server's own addresses are checked before `--allow-target`: a range opens a network beyond
+the server, and the server sitting in that network must not open its own listeners with it. Own
+means what the routing table delivers to this host, in both families (common/routes.py): its
+addresses, prefixes routed `local` to it, its anycast and broadcast addresses. Only
+`--allow-private` opens them. Loopback is the one exception: a range that lies within loopback
+(127.0.0.0/8, ::1/128) names the host on purpose and opens those addresses.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mptun.common.address import IPAddress, IPNetwork, parse_networks
-from mptun.common.sockets import is_local_address
+from mptun.common.routes import is_own_address
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
@@ -59,6 +66,9 @@ def parse_cidrs(values: Iterable[str]) -> list[IPNetwork]:
     return parse_networks(values, "allow-target", "a CIDR")
 
 
+OWN = "the server's own address"
+
+
 @dataclass
 class TargetPolicy:
     """Decides per resolved address; `allow` opens ranges, `allow_private` opens all.
@@ -68,10 +78,12 @@ class TargetPolicy:
 
     allow: list[IPNetwork] = field(default_factory=list)
     allow_private: bool = False
-    is_own: Callable[[IPAddress], bool] = is_local_address
+    is_own: Callable[[IPAddress], bool] = is_own_address
 
     def check(self, ip: IPAddress) -> str | None:
         """None if `ip` may be connected to, else the reason it may not."""
+        if self.allow_private:
+            return None
         inner = embedded_ipv4(ip)
         # A wrapper form is judged by the IPv4 address it carries; 6to4 by both.
         if inner is None:
@@ -80,15 +92,34 @@ class TargetPolicy:
             candidates = [ip, inner]
         else:
             candidates = [inner]
+        # The host itself first: no --allow-target range opens it (the module docstring).
         for c in candidates:
-            if any(c.version == n.version and c in n for n in self.allow):
+            if c.is_loopback:
+                if not self._opened(c, loopback_only=True):
+                    return f"loopback address {c}"
+            elif self.is_own(c):
+                return f"{OWN} {c}"
+        for c in candidates:
+            if self._opened(c):
                 return None
-        if self.allow_private:
-            return None
         for c in candidates:
             why = _forbidden(c)
             if why:
                 return f"{why} address {c}"
-            if self.is_own(c):
-                return f"the server's own address {c}"
         return None
+
+    def _opened(self, ip: IPAddress, loopback_only: bool = False) -> bool:
+        """Whether an `allow` range holds `ip` (with `loopback_only`, a range within loopback)."""
+        for n in self.allow:
+            if ip.version != n.version or ip not in n:
+                continue
+            if not loopback_only or (n.network_address.is_loopback and n[-1].is_loopback):
+                return True
+        return False
+
+    def hint(self, ip: IPAddress, why: str | None = None) -> str:
+        """What would open `ip`, for the line that logs its refusal (`why`: `check`'s reason)."""
+        why = self.check(ip) if why is None else why
+        if why and why.startswith(OWN):
+            return "only --allow-private opens the server's own addresses"
+        return f"--allow-target {ip}/{ip.max_prefixlen} or --allow-private opens it"

@@ -9,22 +9,35 @@ import math
 import socket
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mptun.common.address import Address, format_sockaddr
 from mptun.common.crypto import CipherSpec
-from mptun.common.drive import drive
 from mptun.common.errors import ConfigError, ProtocolError, Status
-from mptun.common.handshake import ConnectStatus, Request, ServerHandshake, WireMode
+from mptun.common.handshake import (
+    CHECK_TARGET,
+    BadTarget,
+    CheckRequest,
+    ConnectStatus,
+    NeedData,
+    Request,
+    ServerEvent,
+    ServerHandshake,
+    Unsupported,
+    WireMode,
+)
 from mptun.common.limits import fit_connections
-from mptun.common.listener import AcceptLoop
-from mptun.common.logutil import BurstLog, human_bytes
+from mptun.common.listener import AcceptLoop, listen_hint
+from mptun.common.logutil import BurstLog, connection_level, human_bytes
 from mptun.common.relay import PLAIN, Engine, Session, Side
 from mptun.common.replay import (
     DEFAULT_CAPACITY,
     DEFAULT_WINDOW,
+    HighWater,
     ReplayGuard,
+    SourceView,
     load_file,
     save_file,
 )
@@ -34,14 +47,25 @@ from mptun.common.sockets import (
     family_of,
     is_mptcp,
     listen_socket,
-    resolve,
     set_keepalive,
     set_user_timeout,
     tune_leg,
 )
+from mptun.server.admission import (
+    DEFAULT_MAX_HANDSHAKES,
+    DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+    HandshakeGate,
+    Ticket,
+    source_key,
+)
 from mptun.server.policy import TargetPolicy
+from mptun.server.resolver import ResolveError, Resolver
 
 log = logging.getLogger("mptun.server")
+# The accept queue: under a flood, evicted connections come back through it, and a legitimate one
+# waits behind them; the kernel caps it at net.core.somaxconn (4096 since Linux 5.4).
+LISTEN_BACKLOG = 4096
+DEFER_ACCEPT = 1  # seconds a silent connection waits in the kernel before accept()
 
 _ERRNO_STATUS = {
     errno.ECONNREFUSED: ConnectStatus.CONNECTION_REFUSED,
@@ -65,10 +89,16 @@ class ServerConfig:
     idle_timeout: float | None = None
     replay_window: float = DEFAULT_WINDOW
     replay_capacity: int = DEFAULT_CAPACITY
-    max_connections: int = 4096
+    max_connections: int | None = None  # None: the default (common/limits.py)
+    # unauthenticated connections: at most this many (lowered to half of max_connections), and
+    # per source (server/admission.py); beyond it the oldest is evicted
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    max_handshakes_per_source: int = DEFAULT_MAX_HANDSHAKES_PER_SOURCE
     accept_plain: bool = False  # plain tunnels only with --bulk plain; encrypted always
     user_timeout: float = 60.0
     replay_file: Path | None = None  # the salt cache is saved here on stop, loaded on start
+    nameservers: tuple[Address, ...] = ()  # DNS servers for targets; () = /etc/resolv.conf's
+    log_connections: bool = False  # connected/closed lines at info (--log-connections), else debug
 
 
 # What a reload may change while connections stay open; the rest needs a restart.
@@ -83,7 +113,17 @@ _RELOADABLE = (
     "replay_window",
     "accept_plain",
     "user_timeout",
+    "nameservers",
+    "log_connections",
 )
+
+
+def _has_unread(sock: socket.socket) -> bool:
+    """Whether bytes wait unread in `sock` (a peek: they stay for the handshake to read)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
 
 
 def _differs(name: str, a: ServerConfig, b: ServerConfig) -> bool:
@@ -96,8 +136,9 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.transport = Transport(want_mptcp=config.mptcp)
-        # Flights stamped before this process started are refused: a cache lost in a crash
-        # cannot be replayed into (docs/PROBING.md, "Replay").
+        # Flights stamped before this process started are refused for a window: a cache lost in
+        # a crash cannot be replayed into (docs/PROBING.md, "Replay"); start() may raise the
+        # bound past the high-water mark a crashed process persisted.
         self.started = time.time()
         self.replay = ReplayGuard(
             config.replay_window, config.replay_capacity, not_before=math.floor(self.started)
@@ -105,10 +146,20 @@ class Server:
         self.counters: Counter[str] = Counter()
         self._ids = 0
         self._accept: AcceptLoop | None = None
+        self._gate = HandshakeGate(
+            max(1, config.max_handshakes), max(1, config.max_handshakes_per_source)
+        )
         self._fail_log = BurstLog(log, logging.INFO)
+        self._evict_log = BurstLog(log, logging.INFO)
+        self._refuse_log = BurstLog(log, logging.INFO)
+        self._busy_log = BurstLog(log, logging.WARNING)
+        # Uplink health probes send several checks a second: one line a minute, with a count.
+        self._check_log = BurstLog(log, logging.INFO, interval=60.0)
+        self._hwm: HighWater | None = None
         self._keepalive_warned = False
         self.address: Address | None = None
         self.mptcp = False
+        self.resolver = Resolver()  # on the loop: a name that never resolves blocks no other
 
     def start(self, loop: asyncio.AbstractEventLoop) -> Address:
         """Bind and listen; raise ConfigError with a one-line reason if that fails."""
@@ -122,17 +173,36 @@ class Server:
                 # salt still live, so flights from before the start need not be refused.
                 self.replay.not_before = None
                 log.info("replay cache: %d salts restored from %s", n, self.config.replay_file)
+            self._start_high_water(self.config.replay_file, complete=n is not None)
         try:
-            sock, self.mptcp = listen_socket(self.config.listen, self.transport)
+            sock, self.mptcp = listen_socket(self.config.listen, self.transport, LISTEN_BACKLOG)
         except OSError as e:
-            raise ConfigError(f"cannot listen on {self.config.listen}: {e.strerror}") from None
+            why = f"{e.strerror}{listen_hint(self.config.listen, e)}"
+            raise ConfigError(f"cannot listen on {self.config.listen}: {why}") from None
+        try:
+            # The kernel hands a connection to accept() only once bytes (or a FIN) arrived, or
+            # after about DEFER_ACCEPT s of silence (tcp(7), TCP_DEFER_ACCEPT): a first flight is
+            # in the socket when its connection enters the handshake budget, so a flood cannot
+            # evict it while it is on its way (docs/PROBING.md, "Floods").
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
+        except OSError as e:
+            log.info("TCP_DEFER_ACCEPT refused on the listener: %s", e.strerror)
         if self.transport.fell_back:
             log.warning("MPTCP unavailable on this kernel: listening with plain TCP")
         host, port = sock.getsockname()[:2]
         self.address = Address.parse(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        self._accept = AcceptLoop(
-            loop, sock, self._handle, log, fit_connections(self.config.max_connections, log)
-        )
+        limit = fit_connections(self.config.max_connections, log)
+        # Unauthenticated connections may take at most half the slots: the rest are the tunnels'.
+        budget = min(self.config.max_handshakes, max(1, limit // 2))
+        if budget < self.config.max_handshakes:
+            log.info(
+                "--max-handshakes lowered from %d to %d (half of %d connections)",
+                self.config.max_handshakes,
+                budget,
+                limit,
+            )
+        self._gate = HandshakeGate(budget, self.config.max_handshakes_per_source)
+        self._accept = AcceptLoop(loop, sock, self._handle, log, limit)
         self._accept.start()
         log.info(
             "listening on %s (%s, cipher %s, relay %s)",
@@ -162,15 +232,60 @@ class Server:
                 "size": len(self.replay),
                 "capacity": self.replay.capacity,
                 "window": self.replay.window,
+                "share": self.replay.share,
+                "sources": self.replay.sources(),
+            },
+            "handshakes": {
+                "open": len(self._gate),
+                "budget": self._gate.total,
+                "per_source": self._gate.per_source,
+                "evicted": self._gate.evictions,
             },
         }
+
+    def _start_high_water(self, replay_file: Path, complete: bool) -> None:
+        """Keep a persisted high-water mark of accepted timestamps beside the replay file; after
+        a start without the complete cache, refuse timestamps up to the last mark for a window."""
+        hwm = HighWater(replay_file.with_name(replay_file.name + ".hwm"))
+        try:
+            mark = hwm.load()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"replay file {hwm.path}: {e}") from None
+        if mark is not None and not complete and self.replay.not_before is not None:
+            # A replayed flight's timestamp is at most the crash time plus a window: capping the
+            # bound there limits the refusal of honest clients to one window after the start.
+            bound = math.floor(min(mark, self.started + self.replay.window)) + 1
+            if bound > self.replay.not_before:
+                self.replay.not_before = bound
+                log.info(
+                    "replay cache lost (no clean stop): refusing flights stamped up to %.0f s "
+                    "from now",
+                    bound - time.time(),
+                )
+        self._hwm = hwm
+        self.replay.before_remember = self._cover_high_water
+
+    def _cover_high_water(self, timestamp: float) -> None:
+        assert self._hwm is not None
+        try:
+            self._hwm.cover(timestamp)
+        except OSError as e:
+            self._busy_log("high-water mark %s: %s", self._hwm.path, e.strerror)
 
     def reload(self, config: ServerConfig) -> None:
         """Apply a new configuration to new connections; open ones and the salt cache stay."""
         changed = [name for name in _RELOADABLE if _differs(name, config, self.config)]
         kept = [
             name
-            for name in ("listen", "mptcp", "max_connections", "replay_capacity", "replay_file")
+            for name in (
+                "listen",
+                "mptcp",
+                "max_connections",
+                "max_handshakes",
+                "max_handshakes_per_source",
+                "replay_capacity",
+                "replay_file",
+            )
             if getattr(config, name) != getattr(self.config, name)
         ]
         for name in changed:
@@ -200,54 +315,121 @@ class Server:
         return left
 
     # -- one connection -----------------------------------------------------------------------
-    async def _handle(self, sock: socket.socket, peer_addr: tuple) -> None:
+    def _handle(self, sock: socket.socket, peer_addr: tuple) -> Coroutine[None, None, None]:
+        """At accept(): enter the handshake budget (evicting older connections it has no room
+        for), and hand the accept loop the connection's coroutine."""
+        source = source_key(str(peer_addr[0]))
+        # Unauthenticated from here until the first flight authenticates. Evicted before its
+        # task starts, a connection finds `evicted` set; after, its task is cancelled.
+        ticket = self._gate.admit(source, lambda: None, lambda: _has_unread(sock))
+        return self._connection(sock, peer_addr, source, ticket)
+
+    async def _connection(
+        self, sock: socket.socket, peer_addr: tuple, source: str, ticket: Ticket
+    ) -> None:
         loop = asyncio.get_running_loop()
         self._ids += 1
         cid = f"s{self._ids}"
         peer = format_sockaddr(peer_addr)
         deadline = loop.time() + self.config.handshake_timeout
-        hs = ServerHandshake(self.config.psk, self.config.cipher, self.replay)
+        view = self.replay.for_source(source)
+        hs = ServerHandshake(self.config.psk, self.config.cipher, view)  # type: ignore[arg-type]
+        task = asyncio.current_task()
+        assert task is not None
+        ticket.evict = task.cancel
+        ticket.started = True
         try:
-            request = await drive(loop, sock, hs, deadline)
-        except ProtocolError as e:
-            self._count(e.status)
-            self._fail_log("%s from %s: %s (%s); absorbing", cid, peer, e, e.status.value)
-            await self._absorb(loop, sock, deadline)
-            return
-        except TimeoutError:
-            self._count(Status.TIMEOUT)
-            self._fail_log("%s from %s: handshake timed out", cid, peer)
-            await self._absorb(loop, sock, deadline)  # past the deadline: drain, FIN
-            return
-        except OSError as e:
-            log.debug("%s from %s: %s before the handshake completed", cid, peer, e)
-            sock.close()
+            if ticket.evicted:
+                raise asyncio.CancelledError
+            request = await self._first_flight(loop, sock, cid, peer, hs, deadline, ticket)
+        except asyncio.CancelledError:
+            if not ticket.evicted:
+                sock.close()
+                raise
+            if task.cancelling():
+                task.uncancel()
+            self._count(Status.EVICTED)
+            # Once per burst, with a count: a flood evicts thousands a second.
+            self._evict_log(
+                "%s from %s: handshake budget full (%d, %d per source): closed early after "
+                "%d bytes",
+                cid,
+                peer,
+                self._gate.total,
+                self._gate.per_source,
+                hs.received,
+            )
+            self._close(sock)
             return
         except BaseException:
             sock.close()
             raise
-        if request is None:  # EOF before a complete request: nothing to answer
-            self._count(Status.INCOMPLETE)
-            sock.close()
-            return
-        await self._serve(loop, cid, sock, peer, hs, request)
+        finally:
+            self._gate.release(ticket)
+        if request is not None:
+            await self._serve(loop, cid, sock, peer, hs, request, view)
+
+    async def _first_flight(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        cid: str,
+        peer: str,
+        hs: ServerHandshake,
+        deadline: float,
+        ticket: Ticket,
+    ) -> ServerEvent | None:
+        """The authenticated first flight; or None after absorbing a failure and closing.
+
+        One read loop for every case, so that what the server does when the peer's FIN arrives
+        (or the deadline) is the same code path whatever arrived before: no byte count, no failure
+        kind shows in how fast the close follows (docs/PROBING.md). Until the flight is complete
+        it reads exactly what the handshake needs (the rest stays in the kernel); after a failure
+        it reads and discards until the peer closes or the deadline from accept passes.
+        """
+        failed = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    data = await loop.sock_recv(sock, 65536 if failed else hs.bytes_needed())
+                    if not data:
+                        break
+                    if failed:
+                        continue
+                    self._gate.touch(ticket)
+                    hs.receive_data(data)
+                    try:
+                        event = hs.next_event()
+                    except ProtocolError as e:
+                        failed = True
+                        self._count(e.status)
+                        self._fail_log(
+                            "%s from %s: %s (%s); absorbing", cid, peer, e, e.status.value
+                        )
+                        continue
+                    if not isinstance(event, NeedData):
+                        return event
+        except TimeoutError:
+            if not failed:
+                self._count(Status.TIMEOUT)
+                self._fail_log("%s from %s: handshake timed out", cid, peer)
+        except OSError as e:
+            log.debug("%s from %s: %s before the handshake completed", cid, peer, e)
+        else:
+            if not failed:  # EOF before a complete request: nothing to answer
+                self._count(Status.INCOMPLETE)
+        self._close(sock)
+        return None
 
     def _count(self, status: Status) -> None:
         self.counters[status.value] += 1
 
-    async def _absorb(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, deadline: float
-    ) -> None:
-        """Read and discard until the peer closes or the deadline from accept, then close.
+    @staticmethod
+    def _close(sock: socket.socket) -> None:
+        """How every unauthenticated connection ends: drain what is left, close (a FIN).
 
         Every failure kind looks the same from outside: no byte back, no early close, no reset.
         """
-        try:
-            async with asyncio.timeout_at(deadline):
-                while await loop.sock_recv(sock, 65536):
-                    pass
-        except (TimeoutError, OSError):
-            pass
         try:
             while sock.recv(65536):  # leave nothing unread, so close() sends FIN, not RST
                 pass
@@ -262,16 +444,30 @@ class Server:
         tunnel: socket.socket,
         peer: str,
         hs: ServerHandshake,
-        request: Request,
+        request: ServerEvent,
+        view: SourceView,
     ) -> None:
+        if isinstance(request, CheckRequest | Unsupported):
+            await self._answer_at_once(loop, cid, tunnel, peer, hs, request, view)
+            return
         mptcp = is_mptcp(tunnel)
         via = {True: "mptcp", False: "tcp-fallback", None: "tcp"}[mptcp]
         started = time.monotonic()
-        if request.mode == WireMode.PLAIN and not self.config.accept_plain:
+        # `mptun client --check` asks for 0.0.0.0:0: answered "not allowed" without a dial, which
+        # the client reads as "key and path work" (PROTOCOL.md "Checks").
+        check = isinstance(request, Request) and request.target == CHECK_TARGET and not view.busy
+        if view.busy:  # remembered, refused: the replay cache is near its limit for this source
+            status, target, detail = ConnectStatus.SERVER_FULL, None, "replay cache full"
+        elif isinstance(request, BadTarget):  # `a..b`: answered without a lookup (PROTOCOL.md)
+            status, target = ConnectStatus.HOST_UNREACHABLE, None
+            detail = f"invalid name: {request.why}"
+        elif check:
+            status, target, detail = ConnectStatus.NOT_ALLOWED, None, "check"
+        elif request.mode == WireMode.PLAIN and not self.config.accept_plain:
             # Encrypted is always accepted; plain only from a server started with --bulk plain.
             status, target, detail = ConnectStatus.MODE_REFUSED, None, "plain mode refused"
         else:
-            status, target, detail = await self._dial(loop, request.target)
+            status, target, detail = await self._dial(loop, request.target, view.source)
         try:
             await loop.sock_sendall(tunnel, hs.respond(status))
         except OSError as e:
@@ -286,9 +482,18 @@ class Server:
             if target:
                 target.close()
             return
+        if check:
+            self.counters["check"] += 1
+            log.info("%s check from %s %s: authenticated (key, cipher, clock OK)", cid, peer, via)
+            tunnel.close()
+            return
         if target is None:
-            self._count(Status.POLICY if status == ConnectStatus.NOT_ALLOWED else Status.CONNECT)
-            log.info(
+            failed = Status.ADDRESS if isinstance(request, BadTarget) else Status.CONNECT
+            if view.busy:
+                failed = Status.BUSY
+            self._count(Status.POLICY if status == ConnectStatus.NOT_ALLOWED else failed)
+            # Once per burst with a count, as for probes: refusals can come by the thousand.
+            (self._busy_log if view.busy else self._refuse_log)(
                 "%s %s %s -> %s: %s (%s)",
                 cid,
                 peer,
@@ -299,7 +504,9 @@ class Server:
             )
             tunnel.close()
             return
-        log.info(
+        assert isinstance(request, Request)  # a BadTarget is never dialled
+        log.log(
+            connection_level(self.config.log_connections),
             "%s %s %s -> %s (%s): connected in %.0f ms",
             cid,
             peer,
@@ -326,7 +533,8 @@ class Server:
         self.counters["relayed"] += 1
         if not stats.clean:
             self._count(stats.status or Status.RELAY)
-        log.info(
+        log.log(
+            connection_level(self.config.log_connections),
             "%s %s closed after %.1f s: to client %s, to target %s, %s, %s (%d reads)",
             cid,
             request.target,
@@ -338,6 +546,43 @@ class Server:
             stats.reads,
         )
 
+    async def _answer_at_once(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        cid: str,
+        tunnel: socket.socket,
+        peer: str,
+        hs: ServerHandshake,
+        request: CheckRequest | Unsupported,
+        view: SourceView,
+    ) -> None:
+        """Answer a health check (succeeded) or a request type this version does not know
+        (unsupported, never silence: PROTOCOL.md "Versioning") and close; nothing is dialled."""
+        if view.busy:
+            status = ConnectStatus.SERVER_FULL
+        elif isinstance(request, CheckRequest):
+            status = ConnectStatus.SUCCEEDED
+        else:
+            status = ConnectStatus.UNSUPPORTED
+        try:
+            await loop.sock_sendall(tunnel, hs.respond(status))
+        except OSError as e:
+            log.debug("%s check from %s: lost before the answer: %s", cid, peer, e.strerror)
+        tunnel.close()
+        if isinstance(request, Unsupported):
+            self.counters["unsupported"] += 1
+            self._refuse_log(
+                "%s %s: request type %#x unsupported (a newer client); answered so",
+                cid,
+                peer,
+                request.type,
+            )
+            return
+        self.counters["check"] += 1
+        line = ("%s check from %s: authenticated (key, cipher, clock OK)", cid, peer)
+        if not self._check_log(*line):
+            log.debug(*line)
+
     def _tune_tunnel(self, sock: socket.socket) -> None:
         tune_leg(sock)
         if not set_keepalive(sock) and not self._keepalive_warned:
@@ -346,17 +591,17 @@ class Server:
         set_user_timeout(sock, self.config.user_timeout)
 
     async def _dial(
-        self, loop: asyncio.AbstractEventLoop, target: Address
+        self, loop: asyncio.AbstractEventLoop, target: Address, source: str = ""
     ) -> tuple[ConnectStatus, socket.socket | None, str]:
         """Resolve, check every address against the policy, connect to a checked one."""
         if target.is_domain:
+            deadline = loop.time() + self.config.connect_timeout
             try:
-                async with asyncio.timeout(self.config.connect_timeout):
-                    addrs = await resolve(loop, str(target.host), target.port)
-            except (OSError, TimeoutError) as e:
+                addrs = await self.resolver.resolve(
+                    str(target.host), deadline, source, self.config.nameservers
+                )
+            except ResolveError as e:
                 return ConnectStatus.DNS_FAILURE, None, f"no address: {e}"
-            if not addrs:
-                return ConnectStatus.DNS_FAILURE, None, "no address"
         else:
             addrs = [target.host]  # type: ignore[list-item]
         allowed, refused = [], []
@@ -364,7 +609,9 @@ class Server:
             why = self.config.policy.check(ip)
             (refused if why else allowed).append((ip, why))
         if not allowed:
-            return ConnectStatus.NOT_ALLOWED, None, refused[0][1] or "not allowed"
+            ip, why = refused[0]
+            hint = self.config.policy.hint(ip, why)
+            return ConnectStatus.NOT_ALLOWED, None, f"{why or 'not allowed'}; {hint}"
         status, detail = ConnectStatus.GENERAL_FAILURE, ""
         per_try = self.config.connect_timeout / len(allowed)
         for ip, _ in allowed:

@@ -1,8 +1,9 @@
-"""No open doors: the real server, its real resolver (glibc getaddrinfo), a DNS server we control.
+"""No open doors: the real server and its real resolver, against a DNS server we control.
 
 Runs in a private network and mount namespace (`unshare --net --mount`): `/etc/resolv.conf`
 points at a tiny DNS server on that namespace's loopback whose answer for `flip.test` changes
-between two lookups, and listeners on 198.51.100.1 and 127.0.0.1 (same port) count connections.
+between two lookups, and listeners on 198.51.100.1 (in a peer namespace behind a veth pair: not
+the server's own address) and 127.0.0.1 (same port) count connections.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from tests.peers import closing_target, delta, exchange, flight
 
 DEADLINE = 2.0  # the server's --handshake-timeout in these tests
 AUTH_AT = SALT_LEN + REQUEST_FIXED_LEN + TAG_LEN  # bytes the server needs to authenticate
+BUDGET = ("--max-handshakes", "1000", "--max-handshakes-per-source", "1000")
 RANDOM_LENGTHS = [*range(222), 1000, 4096, 65536]  # 221: largest random probe on gfw.report
 
 
@@ -72,8 +74,9 @@ async def probe_all(port: int, cases: dict[str, bytes], fin: bool) -> dict[str, 
 
 @pytest.fixture
 def server(tmp_path: Path, key_file: Path):
+    # A burst of ~400 probes from one address: a handshake budget that holds them all.
     with ServerProcess(
-        tmp_path, key_file, "--handshake-timeout", str(DEADLINE), "--allow-private"
+        tmp_path, key_file, "--handshake-timeout", str(DEADLINE), "--allow-private", *BUDGET
     ) as srv:
         yield srv
 
@@ -119,6 +122,7 @@ def probe_burst(server: ServerProcess, fin: bool) -> tuple[dict, dict, dict[str,
     return cases, expect, results, delta(after, before)
 
 
+@pytest.mark.timing
 def test_failed_first_flights_all_look_the_same(server: ServerProcess) -> None:
     cases, expect, results, moved = probe_burst(server, fin=False)
     # The server accepts after connect() was called: a close at accept + DEADLINE is never seen
@@ -136,10 +140,11 @@ def test_failed_first_flights_all_look_the_same(server: ServerProcess) -> None:
     print(f"{len(cases)} probes without FIN: {expect}; closed {spread[0]:.3f}-{spread[-1]:.3f} s")
 
 
+@pytest.mark.timing
 def test_half_closed_probes_end_at_the_fin(tmp_path: Path, key_file: Path) -> None:
     """A prober that sends FIN gets a FIN back right away, whatever the failure (no RST)."""
     with ServerProcess(
-        tmp_path, key_file, "--handshake-timeout", "20", "--allow-private"
+        tmp_path, key_file, "--handshake-timeout", "20", "--allow-private", *BUDGET
     ) as server:
         cases, _, results, moved = probe_burst(server, fin=True)
     slow = {k: r.seconds for k, r in results.items() if r.seconds > 10}
@@ -164,17 +169,25 @@ def listen_queue(port: int) -> int:
 
 
 def test_connection_limit_holds_the_backlog(tmp_path: Path, key_file: Path) -> None:
-    """At --max-connections the server stops accepting; the kernel queues the next connection."""
+    """At --max-connections the server stops accepting; the kernel queues the next connection.
+
+    The slots are held by tunnels (relaying to a target that never reads): unauthenticated
+    connections could not hold them, their budget is half the limit (test_flood.py)."""
     limit = 3
     srv = ServerProcess(
         tmp_path, key_file, "--max-connections", str(limit), "--handshake-timeout", "30",
         "--allow-private",
     )  # fmt: skip
     held: list[socket.socket] = []
+    sink = socket.create_server(("127.0.0.1", 0), backlog=16)  # connects succeed, nobody reads
     try:
         base = srv.stats()
+        sink_at = Address.parse(f"127.0.0.1:{sink.getsockname()[1]}")
         for _ in range(limit):
             held.append(socket.create_connection(("127.0.0.1", srv.port)))
+            held[-1].sendall(flight(srv.psk, sink_at).first_flight())
+            held[-1].settimeout(10)
+            assert held[-1].recv(1), "no answer: the tunnel was not set up"  # one at a time
         deadline = time.monotonic() + 10
         while srv.stats()["active"] < limit and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -188,7 +201,9 @@ def test_connection_limit_holds_the_backlog(tmp_path: Path, key_file: Path) -> N
             stats = srv.stats()
             assert stats["active"] == limit
             assert stats["limit_pauses"] > base["limit_pauses"]
-            held.pop().close()  # one ends: the queued connection is accepted and served
+            gone = held.pop()  # one ends (a reset ends its relay): the queued one is served
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            gone.close()
             extra.settimeout(10)
             assert extra.recv(1), "the queued connection was not served after a slot freed"
             extra.close()
@@ -196,4 +211,5 @@ def test_connection_limit_holds_the_backlog(tmp_path: Path, key_file: Path) -> N
     finally:
         for s in held:
             s.close()
+        sink.close()
         srv.stop()

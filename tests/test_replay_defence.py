@@ -14,9 +14,10 @@ import pytest
 
 from mptun.common.address import Address
 from mptun.common.errors import ProtocolError, Status
+from mptun.common.handshake import ConnectStatus, Response
 from mptun.common.replay import ReplayGuard, load_file, save_file
 from tests.helpers import ServerProcess
-from tests.peers import closing_target, delta, exchange, flight
+from tests.peers import closing_target, connect_status, delta, exchange, flight
 
 W = 60.0
 
@@ -180,11 +181,24 @@ def test_restart_without_file_refuses_flights_stamped_before_start(
         assert refused(srv, stale, "clock") == {"clock": 1}
 
 
-def test_full_cache_refuses_silently(tmp_path: Path, key_file: Path, target: Address) -> None:
-    with ServerProcess(tmp_path, key_file, "--allow-private", "--replay-capacity", "2") as srv:
-        for _ in range(2):
-            hs = flight(srv.psk, target)
-            exchange(srv.port, hs.first_flight(), hs)
+def test_full_cache_answers_full_then_refuses_silently(
+    tmp_path: Path, key_file: Path, target: Address
+) -> None:
+    """Capacity 8: one source's share is 2, the last of it answered "server full" (the salt
+    remembered), then nothing more can be remembered and the flight is absorbed silently."""
+    with ServerProcess(tmp_path, key_file, "--allow-private", "--replay-capacity", "8") as srv:
+        assert connect_status(srv.port, srv.psk, target) is ConnectStatus.SUCCEEDED
+        hs = flight(srv.psk, target)
+        full = hs.first_flight()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(full)
+            while not isinstance(event := hs.next_event(), Response):
+                chunk = s.recv(hs.bytes_needed())
+                assert chunk, "server closed before its response"
+                hs.receive_data(chunk)
+        assert event.status is ConnectStatus.SERVER_FULL
+        assert srv.counters()["busy"] == 1
+        assert refused(srv, full, "replay") == {"replay": 1}  # its salt stays remembered
         fresh = flight(srv.psk, target).first_flight()
         assert refused(srv, fresh, "replay-full") == {"replay-full": 1}
 

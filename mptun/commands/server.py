@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import click
 
@@ -14,8 +15,10 @@ from mptun.commands.options import (
     cipher_option,
     coalesce_option,
     config_option,
+    given,
     idle_timeout_option,
     key_options,
+    log_connections_option,
     max_connections_option,
     option,
     relay_option,
@@ -27,22 +30,40 @@ from mptun.commands.options import (
     transport_option,
 )
 from mptun.common import runtime
+from mptun.common.address import Address
 from mptun.common.errors import MptunError
 from mptun.common.replay import DEFAULT_CAPACITY, DEFAULT_WINDOW
 from mptun.common.stats import StatsDump
+from mptun.server.admission import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE
 from mptun.server.app import ServerSettings, server_config
 from mptun.server.service import Server
 
 log = logging.getLogger("mptun.server")
 # ~200 bytes a salt (common/replay.py): 10 million is ~2 GB, more than a VPS should give it.
 MAX_REPLAY_CAPACITY = 10_000_000
+MAX_HANDSHAKES = 1_000_000
+
+
+class NameserverAddress(HostPort):
+    """IP[:PORT] of a DNS server, port 53 by default: an address, since a name would need one."""
+
+    name = "ip[:port]"
+
+    def __init__(self) -> None:
+        super().__init__(default_port=53)
+
+    def convert(self, value: Any, param, ctx) -> Address:
+        addr = super().convert(value, param, ctx)
+        if addr.is_domain:
+            self.fail(f"{value!r}: give the DNS server's IP address, e.g. 192.0.2.53", param, ctx)
+        return addr
 
 
 @click.command(cls=ReloadableCommand)
 @config_option
 @option(
     "listen",
-    type=HostPort(ip_only=True),
+    type=HostPort(ip_only=True, any_port=True),
     required=True,
     help="Address to accept tunnels on, e.g. 0.0.0.0:8443 or [::]:8443 (both families).",
 )
@@ -59,6 +80,13 @@ MAX_REPLAY_CAPACITY = 10_000_000
     default=False,
     help="Allow every target: loopback, private, link-local, the server's own addresses.",
 )
+@option(
+    "nameserver",
+    multiple=True,
+    type=NameserverAddress(),
+    help="DNS server for target names, IP[:PORT] (repeatable, at most 3); "
+    "default: those of /etc/resolv.conf.",
+)
 @transport_option
 @relay_option
 @bulk_option
@@ -67,6 +95,20 @@ MAX_REPLAY_CAPACITY = 10_000_000
 @timeout_option("connect-timeout", 10.0, "Seconds to resolve and connect to a target.")
 @idle_timeout_option
 @max_connections_option("Concurrent connections; at the limit the server stops accepting.")
+@option(
+    "max-handshakes",
+    type=click.IntRange(1, MAX_HANDSHAKES),
+    default=DEFAULT_MAX_HANDSHAKES,
+    help="Unauthenticated connections held at once (at most half of --max-connections); "
+    "beyond it the oldest is closed.",
+)
+@option(
+    "max-handshakes-per-source",
+    type=click.IntRange(1, MAX_HANDSHAKES),
+    default=DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+    help="Unauthenticated connections held at once per IPv4 address or IPv6 /64; beyond it "
+    "that source's oldest is closed.",
+)
 @option(
     "replay-window",
     type=seconds(min=1),
@@ -77,7 +119,8 @@ MAX_REPLAY_CAPACITY = 10_000_000
     "replay-capacity",
     type=click.IntRange(1, MAX_REPLAY_CAPACITY),
     default=DEFAULT_CAPACITY,
-    help="Salts the replay cache holds (~200 bytes each); when full, new tunnels are refused.",
+    help="Salts the replay cache holds (~90 bytes each; one source at most a quarter); when "
+    "full, new tunnels are refused.",
 )
 @option(
     "replay-file",
@@ -85,6 +128,7 @@ MAX_REPLAY_CAPACITY = 10_000_000
     help="Save the replay cache here on stop and restore it on start (survives restarts).",
 )
 @stats_option
+@log_connections_option
 @timeout_option("drain-timeout", 10.0, "On SIGTERM, seconds open connections may take to end.")
 @click.pass_context
 def server(ctx: click.Context, **_: object) -> None:
@@ -115,14 +159,18 @@ def server_settings(ctx: click.Context) -> ServerSettings:
         cipher=p["cipher"],
         allow_target=tuple(p["allow_target"]),
         allow_private=p["allow_private"],
+        nameserver=tuple(p["nameserver"]),
         relay=relay_settings(p),
         handshake_timeout=p["handshake_timeout"],
         connect_timeout=p["connect_timeout"],
         idle_timeout=p["idle_timeout"] or None,
-        max_connections=p["max_connections"],
+        max_connections=p["max_connections"] if given(ctx, "max_connections") else None,
+        max_handshakes=p["max_handshakes"],
+        max_handshakes_per_source=p["max_handshakes_per_source"],
         replay_window=p["replay_window"],
         replay_capacity=p["replay_capacity"],
         replay_file=p["replay_file"],
         stats_file=p["stats_file"],
         drain_timeout=p["drain_timeout"],
+        log_connections=p["log_connections"],
     )

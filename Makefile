@@ -10,8 +10,10 @@ APT_PACKAGES := iproute2 procps curl nftables iperf3 kmod faketime shellcheck sy
 # What `make bench` adds: the incumbent it is compared with, and mptcpize to run it over MPTCP.
 BENCH_APT_PACKAGES := shadowsocks-libev mptcpize
 PYTEST_ARGS ?= --durations=25
+# Cores `make test-stress` and `make test-timing` keep busy while the tests run (tests/stress.sh).
+STRESS_BUSY ?= 1
 
-.PHONY: demo test deps venv lint format bench clean
+.PHONY: demo test test-stress test-timing deps venv lint format bench dist clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -38,6 +40,14 @@ test: deps venv
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
+# The whole suite while STRESS_BUSY cores are kept busy by a bounded load (killed afterwards).
+test-stress: deps venv
+	tests/stress.sh --busy $(STRESS_BUSY) -- $(PYTEST_ARGS)
+
+# The tests marked `timing` three times in a row, STRESS_BUSY cores kept busy.
+test-timing: deps venv
+	tests/stress.sh --busy $(STRESS_BUSY) --runs 3 -- -m timing $(PYTEST_ARGS)
+
 demo: deps venv
 	$(VENV)/bin/mptun demo
 
@@ -54,5 +64,11 @@ format: venv
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The sdist and the wheel built from it (not from the tree, so nothing stale in build/ ships),
+# into dist/. Installers take these files (vps/install.sh --from dist/mptun-*.whl).
+dist: venv
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mptun.bench.procstat import cpu_seconds
-from tests.helpers import free_port, wait_listening
+from mptun.lab.wait import ReservedPort
+from tests.helpers import wait_listening
 
 CHUNK = 64 << 20  # the tmpfs source file; sent repeatedly
 
@@ -172,7 +173,8 @@ def main() -> None:
             "aead": ["--bulk", "aead"],
         }
         for engine, engine_args in cases.items():
-            sport, cport = free_port(), free_port()
+            held = [ReservedPort(), ReservedPort()]  # until mptun listens: no one else takes them
+            sport, cport = (h.port for h in held)
             common = ["--key-file", str(key), *engine_args, "--transport", args.transport]
             mptun = [sys.executable, "-m", "mptun", "--log-level", "warning"]
             procs = [
@@ -213,6 +215,8 @@ def main() -> None:
                 for p in procs:
                     p.terminate()
                     p.wait()
+                for h in held:
+                    h.release()
     finally:
         for p in tmp.iterdir():
             p.unlink()

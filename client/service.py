@@ -11,7 +11,7 @@ from mptun.client.tunnel import Tunneler
 from mptun.common.address import Address
 from mptun.common.errors import ConfigError
 from mptun.common.limits import fit_connections
-from mptun.common.listener import AcceptLoop
+from mptun.common.listener import AcceptLoop, listen_hint
 from mptun.common.sockets import Transport, listen_socket
 
 log = logging.getLogger("mptun.client")
@@ -36,6 +36,14 @@ class Service(Protocol):
     async def drain(self, timeout: float) -> int: ...
 
 
+class Background(Protocol):
+    """Work that runs beside the listeners and accepts nothing (the uplink health monitor)."""
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class ListenerSpec:
     bind: Address
@@ -48,7 +56,7 @@ class Client:
         self,
         tunneler: Tunneler,
         listeners: list[ListenerSpec],
-        max_connections: int = 4096,
+        max_connections: int | None = None,  # None: the default (common/limits.py)
         services: list[Service] | None = None,
     ) -> None:
         if not listeners and not services:
@@ -62,6 +70,8 @@ class Client:
         self.loops: list[AcceptLoop] = []
         self.started: list[Service] = []
         self.addresses: list[Address] = []
+        # Tasks beside the listeners, started and closed with them (the uplink health monitor).
+        self.background: list[Background] = []
 
     def start(self, loop: asyncio.AbstractEventLoop) -> list[Address]:
         local = Transport(want_mptcp=False)  # the LAN side is plain TCP
@@ -70,7 +80,9 @@ class Client:
                 sock, _ = listen_socket(spec.bind, local, transparent=spec.transparent)
             except OSError as e:
                 self._close_all()
-                hint = " (IP_TRANSPARENT needs CAP_NET_ADMIN)" if spec.transparent else ""
+                hint = listen_hint(spec.bind, e)
+                if spec.transparent:
+                    hint = " (IP_TRANSPARENT needs CAP_NET_ADMIN)"
                 raise ConfigError(
                     f"cannot listen on {spec.bind} ({spec.handler.kind}): {e.strerror}{hint}"
                 ) from None
@@ -90,14 +102,17 @@ class Client:
                 self._close_all()
                 raise ConfigError(
                     f"cannot listen on {service.bind} ({service.kind}): {e.strerror}"
+                    + listen_hint(service.bind, e)
                 ) from None
             self.started.append(service)
             self.addresses.append(bound)
             log.info("%s listening on %s", service.kind, bound)
         cfg = self.tunneler.config
+        servers = cfg.servers
         log.info(
             "tunnel to %s (%s, cipher %s, relay %s, mode %s)",
-            cfg.server,
+            ", ".join(str(s.address) for s in servers)
+            + (f" (--server-policy {cfg.policy.value})" if len(servers) > 1 else ""),
             "MPTCP" if cfg.mptcp else "TCP",
             cfg.cipher.name,
             cfg.engine.name,
@@ -106,6 +121,9 @@ class Client:
         bulk = getattr(cfg.engine, "summary", None)
         if bulk and cfg.mode.name == "ENCRYPTED":
             log.info("%s", bulk)
+        self.tunneler.start(loop)  # the server checks
+        for task in self.background:
+            task.start(loop)
         return self.addresses
 
     def _close_all(self) -> None:
@@ -127,6 +145,9 @@ class Client:
         }
 
     async def stop(self, drain_timeout: float) -> int:
+        self.tunneler.close()
+        for task in self.background:
+            task.close()
         for a in self.loops:
             a.close()
         for s in self.started:

@@ -8,13 +8,17 @@ already read to `Tunneler.run`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from mptun.client.monitor import ServerMonitor
+from mptun.client.servers import Change, Policy, Server, ServerSet, State, WhenDown
 from mptun.common.address import Address
 from mptun.common.crypto import CipherSpec
 from mptun.common.drive import drive
@@ -26,7 +30,7 @@ from mptun.common.handshake import (
     Response,
     WireMode,
 )
-from mptun.common.logutil import BurstLog, human_bytes
+from mptun.common.logutil import BurstLog, connection_level, human_bytes
 from mptun.common.records import MAX_PLAINTEXT
 from mptun.common.relay import PLAIN, Engine, Session, Side
 from mptun.common.sockets import (
@@ -40,6 +44,9 @@ from mptun.common.sockets import (
     set_user_timeout,
     tune_leg,
 )
+
+if TYPE_CHECKING:
+    from mptun.client.health import HealthMonitor
 
 log = logging.getLogger("mptun.client")
 
@@ -61,6 +68,18 @@ class TunnelConfig:
     early_data_wait: float = 0.05  # how long to wait for the application's first bytes
     idle_timeout: float | None = None
     user_timeout: float = 60.0
+    prefix: bytes = b""  # the first bytes of every first flight (--prefix, docs/PROTOCOL.md)
+    # More servers after `server`, in the order of preference (--server given again)
+    more_servers: tuple[Server, ...] = ()
+    policy: Policy = Policy.FAILOVER  # --server-policy
+    when_down: WhenDown = WhenDown.REJECT  # --when-down: every server down
+    check_interval: float = 2.0  # seconds between two checks of a server (--server-check-interval)
+    log_connections: bool = False  # connected/closed lines at info (--log-connections), else debug
+
+    @property
+    def servers(self) -> tuple[Server, ...]:
+        """Every server, the first (`server`, `psk`) first."""
+        return (Server(self.server, self.psk), *self.more_servers)
 
 
 @dataclass
@@ -73,6 +92,7 @@ class _Connection:
     target: Address
     on_status: StatusHook | None
     started: float  # time.monotonic() when `run` took it
+    server: Server | None = None  # the server its tunnel connected to (`_open_any`)
 
 
 @dataclass
@@ -86,12 +106,20 @@ class LiveTunnel:
     started: float
 
 
+# What a client user reads after "server says not allowed": the refusal is the server's policy.
+_NOT_ALLOWED_HINT = (
+    " (by the server's target policy: its own, loopback and private addresses are refused unless "
+    "the server runs with --allow-target CIDR or --allow-private)"
+)
+
+
 class TunnelError(Exception):
     """The tunnel could not be set up; `status` says why (CONNECT, AUTH, TIMEOUT...)."""
 
-    def __init__(self, message: str, status: Status) -> None:
+    def __init__(self, message: str, status: Status, errno: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.errno = errno  # of the last failed connect, when that is why
 
 
 class Tunneler:
@@ -100,11 +128,23 @@ class Tunneler:
     `run` takes one accepted connection from start to end (connect a tunnel, handshake, relay,
     log); `open` connects a bare tunnel (also for `--check`). One instance serves every listener
     and owns what they share: the transport choice (MPTCP or TCP), the counters, the tunnels
-    relaying now (`live`) and the fail-fast state while the server is down.
+    relaying now (`live`), and the servers: their health (`servers`, client/servers.py), the
+    checks that keep it (`monitor`) and what happens while every one is down (`--when-down`).
     """
 
     def __init__(self, config: TunnelConfig) -> None:
         self.config = config
+        self.servers = ServerSet(config.servers, config.policy, on_change=self._log_change)
+        # a check waits for its answer as long as the interval, but 1 s at least and 3 s at most
+        # (a server that takes longer to answer a check is no use to new tunnels)
+        timeout = max(1.0, min(config.check_interval, 3.0))
+        self.monitor = ServerMonitor(
+            self.servers, config.cipher, config.check_interval, timeout, prefix=config.prefix
+        )
+        self._direct_log = BurstLog(log, logging.WARNING)
+        # seconds a tunnel waits for a server's connect before trying the next beside it: time
+        # for one lost SYN, retransmitted after 1 s (TCP_TIMEOUT_INIT, include/net/tcp.h)
+        self.race_after = 2.0
         self.transport = Transport(want_mptcp=config.mptcp)
         self.counters: Counter[str] = Counter()
         self._ids = 0
@@ -113,41 +153,118 @@ class Tunneler:
         self._silent_log = BurstLog(log, logging.WARNING, interval=60.0)
         self._warned_fallback = False
         self._keepalive_warned = False
-        # Fail fast while the server is down: after a failed connect, new tunnels fail at once for
-        # `down_hold` seconds and while one retry is under way, instead of each one waiting out
-        # --connect-timeout (a blackholed VPS would hang every redirected connection for it).
-        self.down_hold = 1.0
-        self._failed_at: float | None = None
-        self._retrying = False
+        self.uplinks: HealthMonitor | None = None  # uplink health, with --uplink (app.py)
 
     def next_id(self) -> str:
         self._ids += 1
         return f"c{self._ids}"
 
-    async def open(self, loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, bool | None]:
-        """Connect a tunnel socket to the server; raise TunnelError when it cannot."""
-        if self._failed_at is not None and (
-            self._retrying or time.monotonic() - self._failed_at < self.down_hold
-        ):
-            raise TunnelError(
-                f"server {self.config.server} unreachable (failing fast until a retry connects)",
-                Status.CONNECT,
-            )
-        retry = self._failed_at is not None
-        self._retrying = retry
-        try:
-            result = await self._open(loop)
-        except TunnelError:
-            self._failed_at = time.monotonic()
-            raise
-        finally:
-            if retry:
-                self._retrying = False
-        self._failed_at = None
-        return result
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start checking the servers (idempotent; `run` starts it too)."""
+        self.monitor.start(loop)
 
-    async def _open(self, loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, bool | None]:
-        server = self.config.server
+    def close(self) -> None:
+        """Stop checking the servers."""
+        self.monitor.close()
+
+    @property
+    def preferred(self) -> Address:
+        """The server a new tunnel tries first now (the first server while every one is down)."""
+        order = self.servers.order()
+        return self.servers.servers[order[0] if order else 0].address
+
+    @property
+    def rejecting(self) -> bool:
+        """Every server is down and `--when-down reject`: new connections are refused at once."""
+        return self.servers.all_down and self.config.when_down is WhenDown.REJECT
+
+    def _log_change(self, change: Change) -> None:
+        """One line per state change of a server, saying where new tunnels go now."""
+        if change.new is State.UP:
+            rtt = self.servers.health[change.index].rtt
+            how = f" (check round trip {rtt * 1000:.0f} ms)" if rtt is not None else ""
+            again = " again" if change.old is State.DOWN else ""
+            level = logging.WARNING if again else logging.INFO  # "again" ends a warning
+            log.log(level, "server %s is up%s%s", change.server, again, how)
+            return
+        if self.servers.all_down:
+            then = (
+                "new connections go straight to their destinations (--when-down direct)"
+                if self.config.when_down is WhenDown.DIRECT
+                else "new connections are refused (--when-down reject)"
+            )
+            where = f"every server is down: {then}" if len(self.servers) > 1 else then
+        else:
+            nxt = self.servers.order()
+            where = f"new tunnels go to {self.servers.servers[nxt[0]].address}" if nxt else ""
+        log.warning("server %s is down: %s; %s", change.server, change.reason, where)
+
+    async def open(self, loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, bool | None]:
+        """Connect a tunnel socket to the first server; raise TunnelError when it cannot."""
+        return await self._open(loop, self.config.server)
+
+    async def _open_any(
+        self, loop: asyncio.AbstractEventLoop, conn: _Connection
+    ) -> tuple[socket.socket, bool | None]:
+        """Connect a tunnel to the best server; sets `conn.server`.
+
+        When a connect fails, the next server is tried at once (the failed one is down for new
+        tunnels until a check answers). When one has not connected after `race_after` seconds
+        (its packets may be dropped), the next is tried beside it and the first to connect wins,
+        so a server that went silent costs a new tunnel `race_after`, not --connect-timeout,
+        until the checks find it down (the slow one is checked at once)."""
+        queue = self.servers.order()
+        if not queue:
+            raise TunnelError("every server is down", Status.CONNECT)
+        attempts: dict[asyncio.Task, int] = {}
+        last: TunnelError | None = None
+        try:
+            while queue or attempts:
+                if queue and not attempts:
+                    self._attempt(loop, attempts, queue.pop(0))
+                wait = self.race_after if queue else None
+                done, _ = await asyncio.wait(
+                    attempts, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:  # the first has not connected yet: the next beside it
+                    for i in attempts.values():
+                        self.monitor.wake(i)
+                    self._attempt(loop, attempts, queue.pop(0))
+                    continue
+                won: tuple[socket.socket, bool | None] | None = None
+                for task in done:
+                    i = attempts.pop(task)
+                    server = self.servers.servers[i]
+                    try:
+                        result = task.result()
+                    except TunnelError as e:
+                        last = e
+                        reason = str(e).removeprefix(f"server {server.address} ")
+                        self.servers.tunnel_failed(i, reason)
+                        self.monitor.wake(i)
+                        continue
+                    if won is not None:  # two at once: keep one
+                        result[0].close()
+                        continue
+                    self.servers.tunnel_ok(i)
+                    conn.server, won = server, result
+                if won is not None:
+                    return won
+        finally:
+            for task in attempts:  # the slower ones: dropped, their sockets closed
+                task.cancel()
+                task.add_done_callback(_close_result)
+        assert last is not None
+        raise last
+
+    def _attempt(
+        self, loop: asyncio.AbstractEventLoop, attempts: dict[asyncio.Task, int], i: int
+    ) -> None:
+        attempts[loop.create_task(self._open(loop, self.servers.servers[i].address))] = i
+
+    async def _open(
+        self, loop: asyncio.AbstractEventLoop, server: Address
+    ) -> tuple[socket.socket, bool | None]:
         if server.is_domain:
             try:
                 addrs = await resolve(loop, str(server.host), server.port)
@@ -160,6 +277,8 @@ class Tunneler:
         last: OSError | None = None
         for ip in addrs:
             sock, _ = self.transport.socket(family_of(ip))
+            if self.uplinks is not None:  # first subflow from a fit uplink (client/health.py)
+                self.uplinks.bind(sock, Address(ip, server.port).sockaddr())
             if self.transport.fell_back and not self._warned_fallback:
                 self._warned_fallback = True
                 log.warning("MPTCP unavailable on this kernel: tunnels use plain TCP")
@@ -179,9 +298,16 @@ class Tunneler:
                 self._keepalive_warned = True
                 log.info("keepalive timings refused on the tunnel socket: using SO_KEEPALIVE")
             set_user_timeout(sock, self.config.user_timeout)
-            return sock, is_mptcp(sock)
+            mptcp = is_mptcp(sock)
+            if mptcp is False:  # no MPTCP option in the SYN-ACK (`mptun status` shows the count)
+                self.counters["mptcp-fallback"] += 1
+            if self.uplinks is not None:
+                self.uplinks.opened(sock, mptcp)  # evidence for mptcp-broken uplinks
+            return sock, mptcp
         assert last is not None
-        raise TunnelError(f"server {server} unreachable: {last.strerror}", Status.CONNECT)
+        raise TunnelError(
+            f"server {server} unreachable: {last.strerror}", Status.CONNECT, last.errno
+        )
 
     async def run(
         self,
@@ -201,6 +327,10 @@ class Tunneler:
         loop = asyncio.get_running_loop()
         conn = _Connection(cid, source, inner, target, on_status, time.monotonic())
         tune_leg(inner)
+        self.start(loop)
+        if self.servers.all_down:  # no tunnel to wait for: refused or direct at once
+            await self._when_down(loop, conn, early_data)
+            return
         connected = await self._connect(loop, conn, early_data, wait_for_early_data)
         if connected is None:
             return
@@ -221,7 +351,7 @@ class Tunneler:
         """Connect a tunnel, reading the application's first bytes meanwhile: the tunnel socket,
         whether it is MPTCP (`open`), and the early data. None when it failed (`inner` is done)."""
         inner = conn.inner
-        connecting = loop.create_task(self.open(loop))
+        connecting = loop.create_task(self._open_any(loop, conn))
         try:
             if wait_for_early_data and len(early_data) < MAX_EARLY_DATA:
                 early_data += await _read_early(
@@ -230,7 +360,12 @@ class Tunneler:
             tunnel, mptcp = await connecting
         except TunnelError as e:
             self.counters[e.status.value] += 1
-            self._down_log("%s %s -> %s: %s; resetting", conn.cid, conn.source, conn.target, e)
+            if self.servers.all_down and self.config.when_down is WhenDown.DIRECT:
+                await self._when_down(loop, conn, early_data)
+                return None
+            line = ("%s %s -> %s: %s; resetting", conn.cid, conn.source, conn.target, e)
+            if not self._down_log(*line):
+                log.debug(*line)  # once per burst above; each one at debug
             await self._refuse(conn, ConnectStatus.GENERAL_FAILURE)
             return None
         except OSError as e:
@@ -259,7 +394,9 @@ class Tunneler:
         """
         cid, source, target = conn.cid, conn.source, conn.target
         via = {True: "mptcp", False: "tcp-fallback", None: "tcp"}[mptcp]
-        hs = ClientHandshake(self.config.psk, self.config.cipher, target, self.config.mode)
+        cfg = self.config
+        psk = conn.server.psk if conn.server is not None else cfg.psk
+        hs = ClientHandshake(psk, cfg.cipher, target, cfg.mode, prefix=cfg.prefix)
         try:
             await loop.sock_sendall(tunnel, hs.first_flight(early_data[:MAX_EARLY_DATA]))
             rest = early_data[MAX_EARLY_DATA:]
@@ -272,18 +409,7 @@ class Tunneler:
                 e, "status", Status.TIMEOUT if isinstance(e, TimeoutError) else Status.CONNECT
             )
             self.counters[status.value] += 1
-            if status in (Status.TIMEOUT, Status.AUTH):
-                self._silent_log(
-                    "%s %s -> %s: the server did not answer the handshake (%s). Check that "
-                    "client and server use the same key and cipher, and that this machine's "
-                    "clock is right (the server ignores requests more than a minute off).",
-                    cid,
-                    source,
-                    target,
-                    e or "timed out",
-                )
-            else:
-                self._down_log("%s %s -> %s: tunnel failed: %s", cid, source, target, e)
+            self._log_failed_handshake(conn, hs, e, status)
             tunnel.close()
             await self._refuse(conn, ConnectStatus.GENERAL_FAILURE)
             return None
@@ -298,15 +424,25 @@ class Tunneler:
                 cid,
                 target,
             )
+        if response.status == ConnectStatus.SERVER_FULL:
+            self._down_log(
+                "%s -> %s: the server is full: its replay cache holds as many recent tunnels as "
+                "it may (from this address, or in all); it refuses new ones until older ones "
+                "expire (after 2 x its --replay-window). Open fewer tunnels, or ask its operator "
+                "to raise --replay-capacity",
+                cid,
+                target,
+            )
         if response.status != ConnectStatus.SUCCEEDED:
             self.counters["refused"] += 1
             log.info(
-                "%s %s %s -> %s: server says %s",
+                "%s %s %s -> %s: server says %s%s",
                 cid,
                 source,
                 via,
                 target,
                 response.status.name.lower().replace("_", " "),
+                _NOT_ALLOWED_HINT if response.status == ConnectStatus.NOT_ALLOWED else "",
             )
             tunnel.close()
             await self._refuse(conn, response.status)
@@ -315,15 +451,49 @@ class Tunneler:
             tunnel.close()
             reset(conn.inner)
             return None
-        log.info(
-            "%s %s %s -> %s: connected in %.0f ms",
+        log.log(
+            connection_level(self.config.log_connections),
+            "%s %s %s -> %s: connected in %.0f ms%s",
             cid,
             source,
             via,
             target,
             (time.monotonic() - conn.started) * 1000,
+            f" via {conn.server.address}" if conn.server and len(self.servers) > 1 else "",
         )
         return hs, rest
+
+    def _log_failed_handshake(
+        self, conn: _Connection, hs: ClientHandshake, e: Exception, status: Status
+    ) -> None:
+        """One line for every failed handshake: the first of a burst with the advice, the others
+        short (an answer that is not mptun's, and silence, are told apart by the bytes)."""
+        head = (conn.cid, conn.source, conn.target)
+        if isinstance(e, TimeoutError):
+            why = f"no answer within {self.config.handshake_timeout:g} s"
+        else:
+            why = str(e) or type(e).__name__
+        if hs.received:  # an mptun server sends nothing before its authenticated answer
+            logged = self._silent_log(
+                "%s %s -> %s: the server answered, but not as mptun does (%d bytes, %s): this "
+                "is not an mptun server; check the address and port of --server.",
+                *head,
+                hs.received,
+                why,
+            )
+        elif status in (Status.TIMEOUT, Status.AUTH):
+            logged = self._silent_log(
+                "%s %s -> %s: the server did not answer the handshake (%s). Check that client "
+                "and server use the same key and cipher, and that this machine's clock is right "
+                "(the server ignores requests more than a minute off), or this is not an mptun "
+                "server (check the address and port of --server).",
+                *head,
+                why,
+            )
+        else:
+            logged = self._down_log("%s %s -> %s: tunnel failed: %s", *head, why)
+        if not logged:  # the advice went out with the first of this burst
+            log.info("%s %s -> %s: handshake failed: %s", *head, why)
 
     async def _relay(
         self,
@@ -356,7 +526,8 @@ class Tunneler:
         self.counters["relayed"] += 1
         if not stats.clean and stats.status is not None:
             self.counters[stats.status.value] += 1
-        log.info(
+        log.log(
+            connection_level(self.config.log_connections),
             "%s %s closed after %.1f s: up %s, down %s, %s, %s (%d reads)",
             cid,
             target,
@@ -400,6 +571,86 @@ class Tunneler:
             raise TunnelError("server closed the tunnel during the handshake", Status.AUTH)
         return response
 
+    async def _when_down(
+        self, loop: asyncio.AbstractEventLoop, conn: _Connection, early_data: bytes
+    ) -> None:
+        """Every server is down: refuse the connection at once, or (--when-down direct) connect
+        it straight to its destination from here, unencrypted, as if there were no tunnel."""
+        head = (conn.cid, conn.source, conn.target)
+        if self.config.when_down is WhenDown.REJECT:
+            self.counters["all-servers-down"] += 1
+            line = ("%s %s -> %s: every server is down (--when-down reject); resetting", *head)
+            if not self._down_log(*line):
+                log.debug(*line)
+            await self._refuse(conn, ConnectStatus.GENERAL_FAILURE)
+            return
+        self.counters["direct"] += 1
+        line = ("%s %s -> %s: every server is down: direct (--when-down direct)", *head)
+        if not self._direct_log(*line):  # once per burst above; each one as --log-connections says
+            log.log(connection_level(self.config.log_connections), *line)
+        try:
+            far = await self._open_direct(loop, conn.target)
+        except TunnelError as e:
+            self.counters["direct-failed"] += 1
+            log.info("%s %s -> %s: direct connection failed: %s", *head, e)
+            await self._refuse(
+                conn, _STATUS_OF_ERRNO.get(e.errno or 0, ConnectStatus.HOST_UNREACHABLE)
+            )
+            return
+        try:
+            if conn.on_status is not None and not await conn.on_status(ConnectStatus.SUCCEEDED):
+                reset(far)
+                reset(conn.inner)
+                return
+            if early_data:
+                await loop.sock_sendall(far, early_data)
+        except OSError:
+            reset(far)
+            reset(conn.inner)
+            return
+        stats = await self.config.engine.relay(
+            loop, conn.inner, far, idle_timeout=self.config.idle_timeout, session=PLAIN
+        )
+        log.log(
+            connection_level(self.config.log_connections),
+            "%s %s closed after %.1f s (direct): up %s, down %s",
+            conn.cid,
+            conn.target,
+            stats.seconds,
+            human_bytes(stats.to_tunnel + len(early_data)),
+            human_bytes(stats.from_tunnel),
+        )
+
+    async def _open_direct(self, loop: asyncio.AbstractEventLoop, target: Address) -> socket.socket:
+        """A plain TCP connection from this machine to `target` (TunnelError when none)."""
+        if target.is_domain:
+            try:
+                addrs = await resolve(loop, str(target.host), target.port)
+            except OSError as e:
+                raise TunnelError(f"{target}: {e}", Status.DNS) from None
+        else:
+            addrs = [target.host]  # type: ignore[list-item]
+        last: OSError | None = None
+        for ip in addrs:
+            sock = socket.socket(family_of(ip), socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await connect(
+                    loop, sock, Address(ip, target.port).sockaddr(), self.config.connect_timeout
+                )
+            except OSError as e:
+                sock.close()
+                last = e
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            tune_leg(sock)
+            return sock
+        if last is None:
+            raise TunnelError(f"{target}: no address", Status.DNS)
+        raise TunnelError(f"{target}: {last.strerror or last}", Status.CONNECT, last.errno)
+
     async def _refuse(self, conn: _Connection, status: ConnectStatus) -> None:
         """Tell the application it failed: a SOCKS reply if it waits for one, else a reset."""
         if conn.on_status is not None:
@@ -410,6 +661,20 @@ class Tunneler:
             conn.inner.close()
         else:
             reset(conn.inner)
+
+
+def _close_result(task: asyncio.Task) -> None:
+    """Close the socket of a dropped connect attempt that connected after all."""
+    if not task.cancelled() and task.exception() is None:
+        task.result()[0].close()
+
+
+# How a failed direct connection is told to a SOCKS client.
+_STATUS_OF_ERRNO = {
+    errno.ECONNREFUSED: ConnectStatus.CONNECTION_REFUSED,
+    errno.ENETUNREACH: ConnectStatus.NETWORK_UNREACHABLE,
+    errno.ETIMEDOUT: ConnectStatus.TIMED_OUT,
+}
 
 
 async def _read_early(

@@ -16,6 +16,8 @@ class Status(enum.Enum):
     REPLAY = "replay"  # salt seen before within the window
     CLOCK = "clock"  # timestamp outside the accepted window (client clock or stale replay)
     REPLAY_FULL = "replay-full"  # salt cache full: refused rather than forgetting
+    BUSY = "busy"  # authenticated, answered "server full" (replay cache near its limit)
+    EVICTED = "evicted"  # unauthenticated, closed early: the handshake budget was full
     TIMEOUT = "timeout"  # handshake did not complete in time
     INCOMPLETE = "incomplete"  # peer closed before a complete first flight
     PROTOCOL = "protocol"  # authenticated but malformed (bad type, mode, ...)

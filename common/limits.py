@@ -14,6 +14,7 @@ import logging
 import resource
 
 FDS_PER_CONNECTION = 6
+DEFAULT_MAX_CONNECTIONS = 4096  # when --max-connections is not given
 RESERVED_FDS = 32  # listeners, the event loop, logs, resolver threads, the stats file
 
 
@@ -30,13 +31,22 @@ def raise_nofile() -> int:
     return soft
 
 
-def fit_connections(requested: int, logger: logging.Logger, listeners: int = 1) -> int:
-    """`requested` per listener, lowered so that every listener's connections fit the fd limit."""
+def fit_connections(requested: int | None, logger: logging.Logger, listeners: int = 1) -> int:
+    """`requested` per listener (None: the default), lowered so that every listener's
+    connections fit the fd limit.
+
+    Lowering a limit the user set is worth an info line; lowering the default is not (the
+    process still serves as many connections as its fds hold): that goes to debug.
+    """
     nofile = raise_nofile()
     fit = max(1, (nofile - RESERVED_FDS) // FDS_PER_CONNECTION // max(1, listeners))
+    chosen = requested is not None
+    if requested is None:
+        requested = DEFAULT_MAX_CONNECTIONS
     if requested <= fit:
         return requested
-    logger.info(
+    logger.log(
+        logging.INFO if chosen else logging.DEBUG,
         "open-file limit %d holds only %d connections%s: --max-connections lowered from %d "
         "(raise `ulimit -n` / LimitNOFILE for more)",
         nofile,

@@ -12,6 +12,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
+from mptun.common.address import Address
 from mptun.common.logutil import BurstLog
 
 Handler = Callable[[socket.socket, tuple], Awaitable[None]]
@@ -19,6 +20,26 @@ Handler = Callable[[socket.socket, tuple], Awaitable[None]]
 # accept() errors that concern only the connection being accepted (see accept(2))
 _TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH}
 _RESOURCE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def listen_hint(bind: Address, error: OSError) -> str:
+    """Advice to add to "cannot listen on BIND: ..." ("" when there is none)."""
+    if error.errno != errno.EACCES or bind.port == 0:
+        return ""
+    # The lowest port an unprivileged process may bind (ip-sysctl.rst:
+    # net.ipv4.ip_unprivileged_port_start, default 1024; it applies to IPv6 too).
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            lowest = int(f.read())
+    except (OSError, ValueError):
+        lowest = 1024
+    if bind.port >= lowest:
+        return ""
+    return (
+        f" (ports below {lowest} need root or CAP_NET_BIND_SERVICE, e.g. "
+        f"AmbientCapabilities=CAP_NET_BIND_SERVICE in a systemd unit; or use a port from "
+        f"{lowest} up)"
+    )
 
 
 class AcceptLoop:
@@ -98,6 +119,12 @@ class AcceptLoop:
             self.logger.error("internal error in a connection handler: %r", exc)
             self.logger.debug("traceback", exc_info=exc)
         if len(self.tasks) < self.max_connections and self._resource_retry is None:
+            self._resume()
+
+    def set_limit(self, max_connections: int) -> None:
+        """A new connection limit (on reload): a raised one lets a paused loop accept again."""
+        self.max_connections = max_connections
+        if len(self.tasks) < max_connections and self._resource_retry is None:
             self._resume()
 
     def close(self) -> None:

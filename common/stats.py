@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -36,6 +35,8 @@ class StatsDump:
         if self.path is None:
             return
         try:
+            import tempfile  # here: it pulls in shutil, bz2 and lzma, for a rare dump
+
             fd, tmp = tempfile.mkstemp(prefix=".stats-", dir=self.path.parent)
             with os.fdopen(fd, "w") as f:
                 f.write(text + "\n")

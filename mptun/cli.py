@@ -19,6 +19,7 @@ from mptun import __version__
 from mptun.commands.options import OutputFile, option
 from mptun.common.crypto import generate_key
 from mptun.common.errors import MptunError
+from mptun.common.logutil import setup_logging
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 # Commands imported when used: `mptun uci` in an OpenWrt init script should not pay for the
@@ -33,6 +34,27 @@ LAZY_COMMANDS = {
     "status": "mptun.commands.status:status",
     "demo": "mptun.demo:demo",
 }
+# What `mptun --help` lists for each lazy command, so listing them imports none (the first
+# paragraph of the command's help; tests/test_footprint.py keeps the two in step).
+LAZY_SUMMARIES = {
+    "server": "Run the tunnel server (the VPS end). SIGHUP reloads config and key; SIGUSR1 dumps "
+    "stats.",
+    "client": "Run the tunnel client (the router end). SIGHUP reloads config and key; SIGUSR1 "
+    "dumps stats.",
+    "uci": "Check a UCI config; with TYPE list its enabled sections, with OPTION their values.",
+    "nft": "Print the nftables ruleset of router gateway mode (load it with `nft -f`).",
+    "bench": "Measure mptun against kernel routing and shadowsocks-libev (takes minutes).",
+    "uplinks": "Make IFACEs MPTCP uplinks: endpoints, per-uplink routing table and rules, limits.",
+    "status": "Live tunnels and their subflows, the uplinks, and why speeds may not add up.",
+    "demo": "The multipath demo: one TCP connection over three shaped uplinks, live, then cleanup.",
+}
+
+
+# click 8.2+ raises this for a group called without a command (8.1 prints the help and exits 0);
+# it is a usage error only in name: the help is shown, not prefixed with "error".
+_NO_ARGS_IS_HELP: type[click.ClickException] = getattr(
+    click.exceptions, "NoArgsIsHelpError", type("_Never", (click.ClickException,), {})
+)
 
 
 class LazyGroup(click.Group):
@@ -46,6 +68,23 @@ class LazyGroup(click.Group):
             module, attr = LAZY_COMMANDS[cmd_name].split(":")
             self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
         return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of `--help`, lazy commands from LAZY_SUMMARIES (none imported)."""
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows = []
+        for name in names:
+            cmd = self.commands.get(name)
+            if cmd is None and name in LAZY_SUMMARIES:
+                stand_in = click.Command(name, help=LAZY_SUMMARIES[name])  # shortened as click does
+                rows.append((name, stand_in.get_short_help_str(limit)))
+            elif cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def all_commands(self) -> dict[str, click.Command]:
         """Every command, imported (for tools and tests that walk the tree)."""
@@ -61,13 +100,17 @@ class LazyGroup(click.Group):
     default="info",
     help="Least severe messages to log (to stderr).",
 )
-def cli(log_level: str) -> None:
+@option(
+    "log-syslog",
+    is_flag=True,
+    default=False,
+    help="Log to the local syslog socket (/dev/log, facility daemon) at each message's own "
+    "priority instead of stderr (under procd, which logs every stderr line as an error). "
+    "Under systemd, stderr lines carry journald priorities without this.",
+)
+def cli(log_level: str, log_syslog: bool) -> None:
     """Multipath TCP tunnel for routers: joins uplinks into one fast, encrypted-handshake tunnel."""
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(getattr(logging, log_level.upper()), syslog=log_syslog)
 
 
 @cli.command()
@@ -123,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rv = cli.main(args=argv, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except _NO_ARGS_IS_HELP as e:  # bare `mptun` (or a group without its command): the help
+        click.echo(e.format_message(), err=True)
         sys.exit(e.exit_code)
     except click.ClickException as e:
         msg, where = e.format_message(), _where_from(e)

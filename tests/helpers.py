@@ -1,9 +1,10 @@
 """Test plumbing, one place for each thing:
 
 - tests/helpers.py (this module): ports and waiting (from mptun.lab.wait, the one copy shared with
-  the lab and the benchmark), connected loopback socket pairs, mptun processes (`MptunProcess`,
-  and on top of it `ServerProcess` and `ClientProcess`, which `mptun_pair` in tests/conftest.py
-  starts too), stats dumps, `curl`, `need`;
+  the lab and the benchmark: `wait_until`, `closed_port`, `start_listener`), connected loopback
+  socket pairs, mptun processes (`MptunProcess`, and on top of it `ServerProcess` and
+  `ClientProcess`, which `mptun_pair` in tests/conftest.py starts too; they listen on port 0 and
+  read their ports from their logs), stats dumps, `curl`, `need`;
 - tests/peers.py: what a test puts at either end of mptun: HTTP, stream, closing and DNS peers, a
   SOCKS5 client and hand-made tunnel first flights; `python -m tests.peers` runs peers inside
   test-bed namespaces;
@@ -28,7 +29,15 @@ import pytest
 from mptun.common.address import Address, ip_or_name
 from mptun.common.crypto import load_key_file
 from mptun.common.stats import read_stats
-from mptun.lab.wait import SLOWDOWN, free_port, wait_listening
+from mptun.lab.wait import (
+    SLOWDOWN,
+    ReservedPort,
+    closed_port,
+    logged_listeners,
+    start_listener,
+    wait_listening,
+    wait_until,
+)
 
 
 def loopback_pair(
@@ -57,13 +66,16 @@ __all__ = [
     "SLOWDOWN",
     "ClientProcess",
     "MptunProcess",
+    "ReservedPort",
     "ServerProcess",
+    "closed_port",
     "curl",
-    "free_port",
     "need",
     "read_stats_after_usr1",
     "run_mptun",
+    "start_listener",
     "wait_listening",
+    "wait_until",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,13 +143,32 @@ class MptunProcess:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def _ready(self, host: str, port: int) -> None:
-        """Wait for this process's listener; stop the process if it never comes."""
+    def ports(self, kind: str = "", count: int = 1, timeout: float = 10.0) -> list[int]:
+        """The ports of this process's first `count` listeners of `kind` ("" the server's;
+        "socks", "forward", "redir", "dns (tcp)", ...), from its `listening on` log lines, once
+        logged: how a listener started on port 0 is found."""
+
+        def mine() -> list[int]:
+            ports = [port for k, _, port in logged_listeners(self.log()) if k == kind]
+            return ports[:count] if len(ports) >= count else []
+
+        what = f"{count} {kind or 'server'} listener(s)"
         try:
-            wait_listening(host, port, proc=self.proc)
+            return wait_until(mine, timeout, what, proc=self.proc)
+        except (RuntimeError, TimeoutError) as e:
+            raise type(e)(f"{e}; its log ends:\n{self.log()[-3000:]}") from None
+
+    def _ready(self, host: str, kind: str, port: int | None = None) -> int:
+        """Wait for this process's listener of `kind` (its port read from the log when it was
+        started on port 0) and return its port; stop the process if it never comes."""
+        try:
+            if port is None:
+                (port,) = self.ports(kind)
+            wait_listening(host, port, proc=self.proc)  # the probe connection tests count on
         except BaseException:
             self.stop()
             raise
+        return port
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -177,21 +208,19 @@ class ServerProcess(MptunProcess):
         stats: bool = True,
     ) -> None:
         self.host = host
-        self.port = port or free_port(host)
         self.key_file = key_file
-        self.stats_path = tmp / f"stats-{self.port}.json"
+        started = time.monotonic_ns()
+        self.stats_path = tmp / f"stats-{started}.json"
         stats_args: list[str] = []
         if stats:
             self.stats_path.unlink(missing_ok=True)  # a dump of an earlier process would mislead
             stats_args = ["--stats-file", str(self.stats_path)]
-        listen = ["--listen", host_port(host, self.port), "--key-file", str(key_file)]
+        # Port 0 unless told: the kernel picks, the log says which (no port picked ahead).
+        listen = ["--listen", host_port(host, port or 0), "--key-file", str(key_file)]
         super().__init__(
-            ["server", *listen, *stats_args, *args],
-            tmp / f"server-{self.port}-{time.monotonic_ns()}.log",
-            env,
-            prefix,
+            ["server", *listen, *stats_args, *args], tmp / f"server-{started}.log", env, prefix
         )
-        self._ready(host, self.port)
+        self.port = self._ready(host, "", port)
         if stats:
             # wait_listening's own connection ends as INCOMPLETE: let it land before tests count.
             self.wait_counter("incomplete", 1)
@@ -234,8 +263,8 @@ class ClientProcess(MptunProcess):
         server_host: str = "127.0.0.1",
         stats: bool = True,
     ) -> None:
-        self.socks_port = free_port()
-        self.stats_path = tmp / f"client-stats-{self.socks_port}.json"
+        started = time.monotonic_ns()
+        self.stats_path = tmp / f"client-stats-{started}.json"
         stats_args = ["--stats-file", str(self.stats_path)] if stats else []
         super().__init__(
             [
@@ -245,15 +274,15 @@ class ClientProcess(MptunProcess):
                 "--key-file",
                 str(key_file),
                 "--socks",
-                f"127.0.0.1:{self.socks_port}",
+                "127.0.0.1:0",  # the kernel picks; the log says which
                 *stats_args,
                 *args,
             ],
-            tmp / f"client-{self.socks_port}.log",
+            tmp / f"client-{started}.log",
             env,
             prefix,
         )
-        self._ready("127.0.0.1", self.socks_port)
+        self.socks_port = self._ready("127.0.0.1", "socks")
 
     @property
     def socks(self) -> str:

@@ -64,7 +64,7 @@ class IsolatedRoot:
         self._scratch = Path(line[2])  # an empty mount point on the host, removed in close()
 
     def prefix(self) -> list[str]:
-        """The argv prefix that runs a command inside (as `Netns.prefix()`: for `free_port` and
+        """The argv prefix that runs a command inside (as `Netns.prefix()`: for
         `wait_listening` of tests/helpers.py)."""
         return ["nsenter", f"--target={self.pid}", "--mount", "--net", "--"]
 

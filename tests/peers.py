@@ -6,9 +6,10 @@
 - clients: `socks_open` (a SOCKS5 CONNECT), hand-made tunnel first flights (`flight`, `exchange`,
   `connect_status`) and the counters they move (`delta`);
 - a tiny authoritative DNS server (`tcp_dns_server`, `start_gated_server`, `respond`);
-- `python -m tests.peers http|udp-echo ...`: peers run inside test-bed namespaces. Each prints one
-  line per client it serves, `<kind> <source address>`, flushed at once, so a test can tell which
-  address a connection came from (the VPS's: through the tunnel; the LAN host's: around it).
+- `python -m tests.peers http|udp-echo|dns ...`: peers run inside test-bed namespaces. HTTP and
+  UDP echo print one line per client they serve, `<kind> <source address>`, flushed at once, so
+  a test can tell which address a connection came from (the VPS's: through the tunnel; the LAN
+  host's: around it).
 """
 
 from __future__ import annotations
@@ -291,7 +292,10 @@ def read_until_end(s: socket.socket, timeout: float) -> tuple[int, str]:
 A_RECORDS = {"www.example.test": "198.51.100.80", "mail.example.test": "198.51.100.25"}
 A_TTL = 60
 SOA_TTL, SOA_MINIMUM = 300, 30
-TXT_COUNT, TXT_LEN = 12, 100
+# big.example.test TXT: over 512 bytes (truncated without EDNS), under the 1232-byte UDP cap
+TXT_COUNT, TXT_LEN = 10, 100
+# huge.example.test TXT: an answer near the 64 KiB TCP message limit (an amplifier's payoff)
+HUGE_COUNT, HUGE_LEN = 229, 255
 
 
 def _labels(wire: bytes, pos: int) -> tuple[str, int]:
@@ -323,6 +327,10 @@ def respond(query: bytes) -> bytes:
     elif name == "big.example.test" and qtype == 16:
         for i in range(TXT_COUNT):
             text = bytes([TXT_LEN]) + bytes([0x61 + i % 26]) * TXT_LEN
+            answers.append(ptr + struct.pack("!HHIH", 16, 1, A_TTL, len(text)) + text)
+    elif name == "huge.example.test" and qtype == 16:
+        for i in range(HUGE_COUNT):
+            text = bytes([HUGE_LEN]) + bytes([0x61 + i % 26]) * HUGE_LEN
             answers.append(ptr + struct.pack("!HHIH", 16, 1, A_TTL, len(text)) + text)
     elif name.endswith("example.test") and name not in A_RECORDS:
         rcode = 3 if name != "example.test" else 0
@@ -470,13 +478,33 @@ def serve_udp_echo(bind: str, port: int) -> None:
         sock.sendto(data, addr)
 
 
+def serve_dns(bind: str, port: int) -> None:
+    """DNS over TCP answered by `respond` (the upstream a namespace's `mptun client --dns` asks)."""
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.settimeout(10)
+            with contextlib.suppress(OSError):
+                _serve_stream(lambda: self.request.recv(65536), self.request.sendall, up)
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        address_family = family_of(bind)
+
+    up = Upstream(bind, port)
+    srv = Server((bind, port), Handler)
+    print("ready", flush=True)
+    srv.serve_forever()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tests.peers")
-    p.add_argument("kind", choices=["http", "udp-echo"])
+    p.add_argument("kind", choices=["http", "udp-echo", "dns"])
     p.add_argument("--bind", default="::")
     p.add_argument("--port", type=int, required=True)
     a = p.parse_args(argv)
-    target = serve_http if a.kind == "http" else serve_udp_echo
+    target = {"http": serve_http, "udp-echo": serve_udp_echo, "dns": serve_dns}[a.kind]
     t = threading.Thread(target=target, args=(a.bind, a.port), daemon=True)
     t.start()
     try:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mptun.common.address import Address
-from tests.helpers import MptunProcess, free_port, wait_listening
+from mptun.lab.wait import ReservedPort
+from tests.helpers import MptunProcess
 from tests.helpers import run_mptun as mptun
 
 
@@ -71,7 +72,7 @@ def test_bad_key_files(tmp_path: Path, content, mode, words):
     p = tmp_path / "key"
     p.write_text(content)
     p.chmod(mode)
-    r = mptun("server", "--listen", f"127.0.0.1:{free_port()}", "--key-file", str(p))
+    r = mptun("server", "--listen", "127.0.0.1:0", "--key-file", str(p))
     assert_one_line_error(r, *words)
     assert content.strip() not in r.stderr  # never echo key material
 
@@ -118,8 +119,10 @@ def test_bad_config(tmp_path: Path, key_file: Path, text, words):
 
 
 def test_precedence_cli_over_env_over_config(tmp_path: Path, key_file: Path):
-    """Each layer is observed by the port the server really listens on."""
-    p_cfg, p_env, p_cli = free_port(), free_port(), free_port()
+    """Each layer is observed by the port the server really listens on (three ports held for
+    it meanwhile: ReservedPort; mptun's own bind shares them)."""
+    held = [ReservedPort() for _ in range(3)]
+    p_cfg, p_env, p_cli = (h.port for h in held)
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[server]\nlisten = "127.0.0.1:{p_cfg}"\nkey-file = "{key_file}"\n')
     cases = [
@@ -132,19 +135,20 @@ def test_precedence_cli_over_env_over_config(tmp_path: Path, key_file: Path):
             ["server", "--config", str(cfg), *args], tmp_path / f"s{i}.log", env=env
         )
         try:
-            wait_listening("127.0.0.1", port, proc=proc.proc)
+            assert proc.ports() == [port]
         finally:
             assert proc.stop() == 0, proc.log()
+    for h in held:
+        h.release()
 
 
 def test_key_from_environment_and_never_logged(tmp_path: Path, key_file: Path):
     key = key_file.read_text().strip()
-    port = free_port()
     proc = MptunProcess(
-        ["server", "--listen", f"127.0.0.1:{port}"], tmp_path / "s.log", env={"MPTUN_KEY": key}
+        ["server", "--listen", "127.0.0.1:0"], tmp_path / "s.log", env={"MPTUN_KEY": key}
     )
     try:
-        wait_listening("127.0.0.1", port, proc=proc.proc)
+        proc.ports()
     finally:
         proc.stop()
     assert key not in proc.log()
@@ -152,11 +156,10 @@ def test_key_from_environment_and_never_logged(tmp_path: Path, key_file: Path):
 
 
 def test_sigterm_exits_zero(tmp_path: Path, key_file: Path):
-    port = free_port()
     proc = MptunProcess(
-        ["server", "--listen", f"127.0.0.1:{port}", "--key-file", str(key_file)], tmp_path / "s.log"
+        ["server", "--listen", "127.0.0.1:0", "--key-file", str(key_file)], tmp_path / "s.log"
     )
-    wait_listening("127.0.0.1", port, proc=proc.proc)
+    proc.ports()
     assert proc.stop() == 0
     assert "stopped" in proc.log()
 
@@ -164,11 +167,11 @@ def test_sigterm_exits_zero(tmp_path: Path, key_file: Path):
 def test_errors_say_where_a_value_came_from(tmp_path: Path, key_file: Path):
     """A bad value from the environment names its variable; a missing option its other doors."""
     r = mptun(
-        "server", "--listen", f"127.0.0.1:{free_port()}", "--key-file", str(key_file),
+        "server", "--listen", "127.0.0.1:0", "--key-file", str(key_file),
         env={"MPTUN_MAX_CONNECTIONS": "many"},
     )  # fmt: skip
     assert_one_line_error(r, "--max-connections", "(from the environment: MPTUN_MAX_CONNECTIONS)")
-    r = mptun("server", "--listen", f"127.0.0.1:{free_port()}", "--max-connections", "many")
+    r = mptun("server", "--listen", "127.0.0.1:0", "--max-connections", "many")
     assert_one_line_error(r, "--max-connections")
     assert "environment" not in r.stderr
     r = mptun("client", "--socks", "127.0.0.1:1")
@@ -182,17 +185,16 @@ def test_control_socket_file_left_by_a_killed_client_is_replaced(tmp_path: Path,
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))
     stale.close()  # the file stays, nobody listens: what SIGKILL leaves
-    port = free_port()
     args = ["client", "--server", "127.0.0.1:1", "--key-file", str(key_file)]
     proc = MptunProcess(
-        [*args, "--socks", f"127.0.0.1:{port}", "--control", str(path)], tmp_path / "c.log"
+        [*args, "--socks", "127.0.0.1:0", "--control", str(path)], tmp_path / "c.log"
     )
     try:
-        wait_listening("127.0.0.1", port, proc=proc.proc)
+        proc.ports("socks")
         assert "removed a stale socket file" in proc.log()
         r = mptun("status", "--json", "--control", str(path))
         assert r.returncode == 0, r.stderr
-        r = mptun(*args, "--socks", f"127.0.0.1:{free_port()}", "--control", str(path))
+        r = mptun(*args, "--socks", "127.0.0.1:0", "--control", str(path))
         assert_one_line_error(r, "control socket", "address already in use")
     finally:
         assert proc.stop() == 0, proc.log()

@@ -306,7 +306,7 @@ def test_env_var_names_the_config_file(
         conf.write_text("config client 'main'\n\toption server '192.0.2.1:8443'\n")
     monkeypatch.setenv(env(kind), str(conf))
     ctx = parse("client", [])
-    assert str(ctx.params["server"]) == "192.0.2.1:8443"
+    assert [str(address) for address, _ in ctx.params["server"]] == ["192.0.2.1:8443"]
 
 
 def with_config(kind: str) -> list[tuple[str, click.Option]]:

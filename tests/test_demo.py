@@ -43,6 +43,9 @@ def test_demo_shows_the_sum_of_the_uplinks_and_cleans_up():
     out = r.stdout
     suffix = re.search(r"namespaces mpt-([0-9a-f]+)-\* deleted", out).group(1)
     assert "one connection averaged" in out and "intact, nothing lost" in out, out
+    assert "for 4 s;" in out, out
+    seconds = [int(s) for s in re.findall(r"^\s+(\d+) s\s+\d", out, re.M)]  # the per-second rows
+    assert seconds and seconds == sorted(set(seconds)) and seconds[-1] <= 4, out  # no 5th row
     assert re.search(r"\d+\s+wan1\s+198\.51\.100\.17:\d+", out), out  # status showed subflows
     assert namespaces(suffix) == []
     assert not list(Path("/tmp").glob(f"mptun-demo-{suffix}-*"))

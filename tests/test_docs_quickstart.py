@@ -199,7 +199,8 @@ def test_readme_quick_start_runs_as_written(world: dict) -> None:
     wait_listening("[::]", 443, 15.0, https, prefix=world["inet"].prefix())
 
     logs = {}
-    vps_env = {**env, "MPTUN_ALLOW_TARGET": "203.0.113.0/24"}
+    # --log-connections: the server's line naming example.com shows the bytes went through it
+    vps_env = {**env, "MPTUN_ALLOW_TARGET": "203.0.113.0/24", "MPTUN_LOG_CONNECTIONS": "1"}
     for where, ns, run_env in [("vps", world["vps"], vps_env), ("router", world["router"], env)]:
         for i, line in enumerate(parts[where]):
             if line.startswith(("mptun server", "mptun client")):

@@ -179,6 +179,7 @@ def test_abnormal_end_resets_the_other_leg(mptun_pair):
         (ALLOW, "name.invalid", 4),  # DNS failure -> host unreachable
     ],
 )
+@pytest.mark.timing
 def test_verified_mode_reports_the_servers_status(mptun_pair, server_args, host_port, code):
     pair = mptun_pair(server_args=server_args, client_args=("--reply", "verified"))
     with socket.socket() as probe:

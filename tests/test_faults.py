@@ -13,7 +13,7 @@ import pytest
 
 from mptun.common.address import Address
 from mptun.common.crypto import generate_key
-from tests.helpers import ClientProcess, ServerProcess, free_port, wait_listening
+from tests.helpers import ClientProcess, ServerProcess, closed_port, wait_listening
 from tests.peers import StreamTarget, read_until_end, socks_open
 
 CONNECT_TIMEOUT = 1.0
@@ -51,6 +51,7 @@ def silent_target():
 
 
 @pytest.mark.root
+@pytest.mark.timing
 def test_verified_replies_come_quickly(tmp_path: Path, key_file: Path, silent_target: int):
     if shutil.which("unshare") is None:
         pytest.skip("unshare (util-linux) is not installed")
@@ -60,19 +61,20 @@ def test_verified_replies_come_quickly(tmp_path: Path, key_file: Path, silent_ta
     )  # fmt: skip
     cli = ClientProcess(tmp_path, key_file, srv.port, "--reply", "verified")
     try:
-        cases = {
-            "refused": (Address.parse(f"127.0.0.1:{free_port()}"), 5),  # connection refused
-            "timeout": (Address.parse(f"127.0.0.1:{silent_target}"), 6),  # TTL expired
-            "dns": (Address.parse("no-such-name.test:80"), 4),  # host unreachable
-        }
-        for name, (target, code) in cases.items():
-            t0 = time.monotonic()
-            s, reply = socks_open(cli.socks_port, target, timeout=20)
-            took = time.monotonic() - t0
-            s.close()
-            assert reply == code, name
-            assert took < CONNECT_TIMEOUT + 2.5, f"{name}: {took:.1f} s"
-            print(f"{name}: SOCKS reply {reply} after {took * 1000:.0f} ms")
+        with closed_port() as refused:  # held, never listening: connection refused
+            cases = {
+                "refused": (Address.parse(f"127.0.0.1:{refused}"), 5),
+                "timeout": (Address.parse(f"127.0.0.1:{silent_target}"), 6),  # TTL expired
+                "dns": (Address.parse("no-such-name.test:80"), 4),  # host unreachable
+            }
+            for name, (target, code) in cases.items():
+                t0 = time.monotonic()
+                s, reply = socks_open(cli.socks_port, target, timeout=20)
+                took = time.monotonic() - t0
+                s.close()
+                assert reply == code, name
+                assert took < CONNECT_TIMEOUT + 2.5, f"{name}: {took:.1f} s"
+                print(f"{name}: SOCKS reply {reply} after {took * 1000:.0f} ms")
     finally:
         cli.stop()
         srv.stop()
@@ -111,6 +113,7 @@ def test_server_restart_resets_the_lan_side(tmp_path: Path, key_file: Path, sig,
         srv.stop()
 
 
+@pytest.mark.timing
 def test_sigterm_stops_accepting_drains_then_exits_0(tmp_path: Path, key_file: Path):
     drain = 3.0
     srv = ServerProcess(tmp_path, key_file, "--allow-private", "--drain-timeout", str(drain))
@@ -143,6 +146,7 @@ def test_sigterm_stops_accepting_drains_then_exits_0(tmp_path: Path, key_file: P
         srv.stop()
 
 
+@pytest.mark.timing
 def test_sighup_reloads_the_key_without_dropping_connections(tmp_path: Path, key_file: Path):
     srv = ServerProcess(tmp_path, key_file, "--allow-private")
     old_client = ClientProcess(
@@ -161,8 +165,8 @@ def test_sighup_reloads_the_key_without_dropping_connections(tmp_path: Path, key
         # The open connection still flows after the reload ...
         s.settimeout(5)
         got = 0
-        t_end = time.monotonic() + 1.0
-        while time.monotonic() < t_end:
+        t_end = time.monotonic() + 10.0
+        while got == 0 and time.monotonic() < t_end:  # bytes, however late a loaded machine is
             got += len(s.recv(65536))
         assert got > 0
         # ... new tunnels with the old key are refused (silently: the client times out) ...

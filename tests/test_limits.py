@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ClientProcess, ServerProcess
 from tests.peers import StreamTarget, read_until_end, socks_open
 
 IDLE = 1.0
 
 
+@pytest.mark.timing
 def test_idle_timeout_resets_silent_connections_only(tmp_path: Path, key_file: Path):
     srv = ServerProcess(tmp_path, key_file, "--allow-private", "--idle-timeout", str(IDLE))
     cli = ClientProcess(tmp_path, key_file, srv.port)

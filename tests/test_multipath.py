@@ -18,6 +18,7 @@ import pytest
 
 from mptun.lab.rig import Fetch, Rig, mptun_argv
 from mptun.lab.testbed import Testbed
+from mptun.lab.wait import wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.usefixtures("needs_mptcp_testbed")]
 
@@ -57,14 +58,39 @@ def run_fetch(f: Fetch) -> tuple[list[dict], dict]:
     return rows, done
 
 
-def fetch_with_status(r: Rig, seconds: float, look_at: float, **kw) -> tuple[dict, list, dict]:
-    """One fetch of `seconds` through the tunnel with `mptun status` taken `look_at` s into it:
-    that status, then the fetch's rows and final row (`run_fetch`)."""
+def fetch_with_status(r: Rig, seconds: float, until, what: str, **kw) -> tuple[dict, list, dict]:
+    """One fetch of `seconds` through the tunnel with `mptun status` polled while it runs until
+    `until(status)` holds (never a fixed sleep: a loaded machine joins subflows later): that
+    status, then the fetch's rows and final row (`run_fetch`)."""
     f = r.fetch(seconds, **kw)
-    time.sleep(look_at)
-    st = r.status()
+    st = status_when(r, until, seconds, what)
     rows, done = run_fetch(f)
     return st, rows, done
+
+
+def status_when(r: Rig, until, timeout: float, what: str) -> dict:
+    """`mptun status` once `until(status)` holds, polled for up to `timeout` s."""
+
+    def look() -> dict | None:
+        st = r.status()
+        return st if until(st) else None
+
+    return wait_until(look, timeout, what, interval=0.2)
+
+
+def connections(status: dict) -> list[dict]:
+    """The tunnel connections `mptun status` lists (none before the first one is open)."""
+    return [c for client in status["clients"] for c in client["connections"]]
+
+
+def subflows(n: int):
+    """A status condition: one tunnel, with at least `n` subflows."""
+
+    def holds(status: dict) -> bool:
+        conns = connections(status)
+        return len(conns) == 1 and len(conns[0]["subflows"]) >= n
+
+    return holds
 
 
 def mbit(rows: list[dict], t0: float, t1: float) -> float:
@@ -95,17 +121,8 @@ def tunnel(status: dict) -> dict:
     return conn
 
 
-def wait_for(pred, timeout: float, what: str, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.mark.slow
+@pytest.mark.timing
 def test_one_connection_gets_the_sum_of_three_uplinks_and_one_uplink_alone_its_own(rig):
     """100+60+40 Mbit: >= 90% of 200 for one TCP connection; with the uplinks cleared, the
     same connection stays at or below the one uplink it then uses (so this can fail)."""
@@ -113,7 +130,7 @@ def test_one_connection_gets_the_sum_of_three_uplinks_and_one_uplink_alone_its_o
     rates = {u.router_if: u.rate_mbit for u in tb.uplinks}
     total = sum(rates.values())
     sampler = r.counters(0.5)
-    st, rows, done = fetch_with_status(r, 10, 4)
+    st, rows, done = fetch_with_status(r, 10, subflows(3), "a subflow on each uplink")
     conn = tunnel(st)
     ctr = counter_rows(sampler)
     assert done["ok"], done
@@ -135,7 +152,8 @@ def test_one_connection_gets_the_sum_of_three_uplinks_and_one_uplink_alone_its_o
     assert tb.router is not None
     cleared = tb.router.exec(*mptun_argv("uplinks", "--clear"))
     assert "del endpoint" in cleared.stdout
-    st, rows, done = fetch_with_status(r, 10, 4)
+    # no endpoints: no subflow can join, so once the tunnel has its first, it has all it gets
+    st, rows, done = fetch_with_status(r, 10, subflows(1), "the tunnel")
     conn = tunnel(st)
     assert done["ok"], done
     assert len(conn["subflows"]) == 1
@@ -152,6 +170,7 @@ def test_one_connection_gets_the_sum_of_three_uplinks_and_one_uplink_alone_its_o
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_failover_keeps_one_connection_going_and_watch_brings_the_uplink_back(rig):
     """A 30 s transfer; at 8 s the uplink of the first subflow goes down, at 16 s it comes back.
 
@@ -174,7 +193,7 @@ def test_failover_keeps_one_connection_going_and_watch_brings_the_uplink_back(ri
     time.sleep(8)
     tb.set_link(up, "up")
     t_up = time.monotonic()
-    back = wait_for(
+    back = wait_until(
         lambda: [sf for sf in tunnel(r.status())["subflows"] if sf["iface"] == name],
         10,
         f"a subflow on {name} again",
@@ -206,16 +225,15 @@ def test_middlebox_stripping_mptcp_falls_back_to_tcp_and_status_says_so(rig):
     """The same path works with MPTCP; with the option stripped from SYNs on a namespace in
     between (nftables), the next connection still works, over plain TCP, and status says so."""
     tb, r = rig(testbed={"middlebox": True})
-    st, _, done = fetch_with_status(r, 3, 1.5)
+    st, _, done = fetch_with_status(r, 3, subflows(3), "a subflow on each uplink")
     before = tunnel(st)
     assert done["ok"] and before["kind"] == "mptcp" and len(before["subflows"]) == 3, before
 
     tb.strip_mptcp()
     # Long enough that both status calls below see the transfer even on a loaded machine.
     f = r.fetch(8)
-    time.sleep(1.5)
+    st = status_when(r, subflows(1), 8, "the tunnel")
     text = tb.router.exec(*mptun_argv("status")).stdout
-    st = r.status()
     conn = tunnel(st)
     _, done = run_fetch(f)
     assert done["ok"], done
@@ -228,6 +246,7 @@ def test_middlebox_stripping_mptcp_falls_back_to_tcp_and_status_says_so(rig):
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_ipv6_tunnel_over_ipv6_uplinks(rig):
     """Server address, uplinks and target all IPv6, and wan3 an IPv6-only uplink: the tunnel
     works, its subflows are IPv6 on every uplink, and it gets >= 75% of the uplinks' sum."""
@@ -238,7 +257,8 @@ def test_ipv6_tunnel_over_ipv6_uplinks(rig):
 
     tb, r = rig(server_v6=True, prepare=v6_only_wan3)
     assert "198.51.100.49" not in r.uplinks_output and "fd00:10:3::1" in r.uplinks_output
-    st, rows, done = fetch_with_status(r, 6, 3, v6_target=True)
+    each = subflows(3)
+    st, rows, done = fetch_with_status(r, 6, each, "a subflow on each uplink", v6_target=True)
     conn = tunnel(st)
     assert done["ok"], done
     assert r.sent_totals() == [done["bytes"]]
@@ -256,7 +276,12 @@ def test_status_explains_a_join_the_server_refused(rig):
     """A VPS left at a subflow limit of 1: one uplink carries no subflow, and status says why."""
     tb, r = rig()
     tb.vps.exec("ip", "mptcp", "limits", "set", "subflows", "1", "add_addr_accepted", "0")
-    st, _, done = fetch_with_status(r, 3, 1.5)
+
+    # the limit lets one join through: two subflows and, for the third uplink, the reason
+    def refused_join(status: dict) -> bool:
+        return subflows(2)(status) and any(": no subflow" in p for p in status["problems"])
+
+    st, _, done = fetch_with_status(r, 3, refused_join, "two subflows and a refused join")
     conn = tunnel(st)
     assert done["ok"], done
     assert len(conn["subflows"]) == 2, conn

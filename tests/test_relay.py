@@ -181,6 +181,7 @@ def test_pipe_size_falls_back_when_refused():
 
 
 @pytest.mark.root
+@pytest.mark.timing
 def test_dead_mptcp_tunnel_is_noticed_and_the_inner_leg_reset(engine):
     """Every subflow destroyed (`ss -K`) leaves the MPTCP socket silent, with no error; the
     relay's liveness watchdog must still end it and reset the application's connection."""

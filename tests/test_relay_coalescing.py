@@ -37,6 +37,7 @@ def engine(request) -> str:
 
 
 @pytest.mark.parametrize("proto", [0, IPPROTO_MPTCP], ids=["tcp", "mptcp"])
+@pytest.mark.timing
 def test_stream_tail_below_the_mark_is_delivered_without_eof(engine, proto):
     """100 bytes right after a 4 MiB burst, connection still open: the kernel will not report
     them (below the mark); the timer must move them."""
@@ -59,6 +60,7 @@ def test_stream_tail_below_the_mark_is_delivered_without_eof(engine, proto):
     assert stats.clean and stats.to_tunnel == len(data) + len(tail)
 
 
+@pytest.mark.timing
 def test_streaming_raises_the_mark_and_quiet_lowers_it(engine):
     st = Setup()
     seen = {}
@@ -88,6 +90,7 @@ def test_streaming_raises_the_mark_and_quiet_lowers_it(engine):
 
 
 @pytest.mark.parametrize("proto", [0, IPPROTO_MPTCP], ids=["tcp", "mptcp"])
+@pytest.mark.timing
 def test_interactive_messages_are_not_held(engine, proto):
     """Ping-pong of 64-byte messages through the relay, after a bulk burst went the other way.
 
@@ -121,6 +124,7 @@ def test_interactive_messages_are_not_held(engine, proto):
 
 
 @pytest.mark.parametrize("proto", [0, IPPROTO_MPTCP], ids=["tcp", "mptcp"])
+@pytest.mark.timing
 def test_a_fast_conversation_is_not_a_stream(engine, proto):
     """3,000 back-to-back 64-byte round trips: 192 KiB each way in wakeups far less than
     `delay` apart, which alone once made a direction "stream" (after 2,048 messages) and held
@@ -146,8 +150,11 @@ def test_a_fast_conversation_is_not_a_stream(engine, proto):
 
     stats = st.run(engine, script, coalescing=SLOW)
     assert stats.clean and len(rtts) == 3000
-    p99 = sorted(rtts)[int(0.99 * len(rtts))]
-    assert p99 < SLOW.delay / 2, p99
+    # The fault held every message after the 2,048th for the timer: a third of the round trips
+    # at SLOW.delay or more. The 90th percentile sees that; a loaded machine's stalls (a few
+    # round trips of the 3,000) do not move it, as they could the 99th.
+    p90 = sorted(rtts)[int(0.9 * len(rtts))]
+    assert p90 < SLOW.delay / 2, p90
 
 
 def test_coalescing_off_never_touches_the_mark(engine):
@@ -168,6 +175,7 @@ def test_coalescing_off_never_touches_the_mark(engine):
     assert seen["lowat"] == 1
 
 
+@pytest.mark.timing
 def test_reads_are_batched_while_streaming(engine):
     """Bytes trickled in 1400-byte writes: with coalescing on, the relay's reads are bounded by
     time/delay and bytes/mark, not by the number of writes.

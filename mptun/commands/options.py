@@ -37,6 +37,9 @@ _CONFIG_SOURCE = "mptun.config_source"  # ctx.meta key: which file filled defaul
 # Bounds that turn an absurd value into an error instead of a process that misbehaves later.
 MAX_SECONDS = 86400.0  # durations: at most a day
 MAX_CONNECTIONS = 1_000_000  # no process holds more fds (the kernel's default fs.nr_open: 2**20)
+# The tables of a TOML config: the commands that take --config (tests/test_first_minutes.py
+# checks this against the command tree).
+CONFIG_TABLES = ("client", "nft", "server", "uplinks")
 
 
 def env(name: str) -> str:
@@ -112,24 +115,28 @@ class Text(click.ParamType):
 
 
 class HostPort(click.ParamType):
-    """HOST:PORT with IPv6 as [addr]:port. `ip_only` for addresses we bind to."""
+    """HOST:PORT with IPv6 as [addr]:port. `ip_only` for addresses we bind to; `any_port` for
+    a TCP listener, which also takes port 0 (the kernel picks a free port; the start logs it)."""
 
     name = "host:port"
 
-    def __init__(self, ip_only: bool = False, default_port: int | None = None) -> None:
+    def __init__(
+        self, ip_only: bool = False, default_port: int | None = None, any_port: bool = False
+    ) -> None:
         self.ip_only = ip_only
         self.default_port = default_port
+        self.any_port = any_port
 
     def convert(self, value: Any, param, ctx) -> Address:
         if isinstance(value, Address):
             return value
         try:
-            addr = Address.parse(str(value), self.default_port)
+            addr = Address.parse(str(value), self.default_port, any_port=self.any_port)
         except MptunError as e:
             self.fail(str(e), param, ctx)
         if self.ip_only and addr.is_domain:
             if addr.host == "localhost":
-                return Address.parse(f"127.0.0.1:{addr.port}")
+                return Address.parse(f"127.0.0.1:{addr.port}", any_port=self.any_port)
             self.fail(
                 f"{value!r}: give an IP address to listen on, e.g. 0.0.0.0:{addr.port} or "
                 f"[::]:{addr.port}",
@@ -137,6 +144,29 @@ class HostPort(click.ParamType):
                 ctx,
             )
         return addr
+
+
+class ServerSpec(HostPort):
+    """`--server HOST:PORT[,key-file=PATH]`: a server, and the key file it needs when it is not
+    the one of --key-file (`key_file=` too, as UCI spells option names). The path is the rest
+    of the value (it may hold commas)."""
+
+    name = "server"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def convert(self, value: Any, param, ctx) -> tuple[Address, str | None]:
+        if isinstance(value, tuple):
+            return value
+        text, sep, extra = str(value).partition(",")
+        key_file = None
+        if sep:
+            field, eq, path = extra.partition("=")
+            if field.strip() not in ("key-file", "key_file") or not eq or not path:
+                self.fail(f"{value!r}: expected HOST:PORT or HOST:PORT,key-file=PATH", param, ctx)
+            key_file = path
+        return super().convert(text, param, ctx), key_file
 
 
 class ForwardPair(click.ParamType):
@@ -151,9 +181,27 @@ class ForwardPair(click.ParamType):
         if not sep or not local or not target:
             self.fail(f"{value!r}: expected LOCAL_HOST:PORT=TARGET_HOST:PORT", param, ctx)
         return (
-            HostPort(ip_only=True).convert(local, param, ctx),
+            HostPort(ip_only=True, any_port=True).convert(local, param, ctx),
             HostPort().convert(target, param, ctx),
         )
+
+
+class FlightPrefix(click.ParamType):
+    """`--prefix`: the bytes that start every first flight, written as text (`POST /`) with
+    escapes (`\\x16\\x03\\x01`); at most 16 bytes (docs/PROTOCOL.md, "Prefix")."""
+
+    name = "prefix"
+
+    def convert(self, value: Any, param, ctx) -> bytes:
+        if isinstance(value, bytes):
+            return value
+        # Here, not at the top: the commands that do not take --prefix skip the handshake.
+        from mptun.common.handshake import parse_prefix
+
+        try:
+            return parse_prefix(str(value))
+        except MptunError as e:
+            self.fail(str(e), param, ctx)
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -169,6 +217,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         raise click.BadParameter(f"{value}: cannot read: {e}", ctx, param) from None
     except tomllib.TOMLDecodeError as e:
         raise click.BadParameter(f"{value}: not valid TOML: {e}", ctx, param) from None
+    _check_tables(data, value, ctx, param)
     section = data.get(table, {})
     if not isinstance(section, dict):
         raise click.BadParameter(f"{value}: [{table}] must be a table", ctx, param)
@@ -190,6 +239,33 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         defaults[p.name or key] = val
     _merge_defaults(ctx, defaults)
     return value
+
+
+def _check_tables(
+    data: dict[str, Any], path: str, ctx: click.Context, param: click.Parameter
+) -> None:
+    """Every top-level name must be one command's table: a misspelt `[sever]` or a key above
+    the first table would otherwise be ignored, and the user told that `--listen` is missing."""
+    tables = ", ".join(f"[{t}]" for t in CONFIG_TABLES)
+    for name, val in data.items():
+        if name in CONFIG_TABLES and isinstance(val, dict):
+            continue
+        if name in CONFIG_TABLES:
+            raise click.BadParameter(f"{path}: [{name}] must be a table", ctx, param)
+        if isinstance(val, dict):
+            import difflib  # only for this error message
+
+            close = difflib.get_close_matches(name, CONFIG_TABLES, n=1)
+            hint = f"did you mean [{close[0]}]? " if close else ""
+            raise click.BadParameter(
+                f"{path}: unknown table [{name}] ({hint}the tables are {tables})", ctx, param
+            )
+        raise click.BadParameter(
+            f"{path}: key {name!r} is outside any table: put it under the table of its command "
+            f"({tables}), e.g. [{ctx.command.name}]",
+            ctx,
+            param,
+        )
 
 
 def _toml_kind(val: Any) -> str:
@@ -442,6 +518,12 @@ def max_connections_option(what: str) -> Callable[[Callable], Callable]:
     )
 
 
+def given(ctx: click.Context, name: str) -> bool:
+    """Whether the user set option `name` (command line, environment or config file), rather
+    than leaving it at its built-in default."""
+    return ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+
+
 def resolve_key(ctx: click.Context, key_file: str | None) -> bytes:
     """The key: --key-file on the command line, else MPTUN_KEY, else the merged key-file."""
     source = ctx.get_parameter_source("key_file")
@@ -469,7 +551,20 @@ class ReloadableCommand(click.Command):
 
     def reparse(self, ctx: click.Context) -> click.Context:
         """A fresh context for the same arguments (raises click errors for a broken config)."""
+        # click shares `meta` along the context chain: without this, the config file's claim
+        # from the start refuses the same file read again ("give --config or --uci, not both").
+        ctx.meta.pop(_CONFIG_SOURCE, None)
         return self.make_context(ctx.info_name, list(ctx.meta["mptun.args"]), parent=ctx.parent)
+
+
+def log_connections_option(f: Callable) -> Callable:
+    return option(
+        "log-connections",
+        is_flag=True,
+        default=False,
+        help="Log every connection (who, where to, bytes) at info; without it those lines are "
+        "debug, since they name LAN hosts and their destinations. Failures stay at info.",
+    )(f)
 
 
 def stats_option(f: Callable) -> Callable:
@@ -485,11 +580,14 @@ class ControlName(click.ParamType):
 
     name = "control"
 
+    def __init__(self, allow_none: bool = True) -> None:
+        self.allow_none = allow_none  # `none` turns the client's socket off; status needs one
+
     def convert(self, value: Any, param, ctx) -> str:
         # Here, not at the top: the commands that do not take --control skip the client's imports.
         from mptun.client.control import check_control_name
 
-        why = check_control_name(str(value))
+        why = check_control_name(str(value), self.allow_none)
         if why is not None:
             self.fail(f"{value!r}: {why}", param, ctx)
         return str(value)
@@ -502,6 +600,6 @@ def control_option(f: Callable) -> Callable:
         type=ControlName(),
         default="auto",
         metavar="auto|@NAME|PATH|none",
-        help="Control socket `mptun status` reads: auto = @mptun/client/PID (abstract, per "
-        "network namespace); @NAME abstract; a file path; none.",
+        help="Control socket `mptun status` reads: auto = @mptun/client/PID-RANDOM (abstract, "
+        "per network namespace); @NAME abstract; a file path; none.",
     )(f)

@@ -1,7 +1,8 @@
-"""`mptun uci`: check /etc/config/mptun, and answer the shell scripts' questions about it.
+"""`mptun uci`: check /etc/config/mptun, and answer questions about it.
 
-The OpenWrt init script and hotplug hook ask mptun instead of parsing UCI in shell, so one tested
-parser reads the file everywhere: `mptun uci FILE uplink interface` lists the uplinks' interfaces.
+The OpenWrt service scripts read UCI in shell (config_load/config_get, so no Python starts for
+them); this command is the reference they are tested against, and the user's check of the file:
+`mptun uci FILE uplink interface` lists the enabled uplinks' interfaces.
 """
 
 from __future__ import annotations

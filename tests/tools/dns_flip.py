@@ -2,7 +2,7 @@
 
 The DNS server answers A queries for `flip.test` with the addresses of `--answers` in turn (one
 per query) and logs every query; `/etc/resolv.conf` and `/etc/hosts` are bind-mounted over (only
-in this mount namespace) so the server's real resolver path (glibc getaddrinfo) asks it. The
+in this mount namespace) so the server's real resolver (server/resolver.py) asks it. The
 driver then opens tunnels to named targets and prints one JSON line of what happened:
   {"results": [[target, status], ...], "queries": [[name, qtype], ...], "hits": {addr: n}}
 """
@@ -10,8 +10,10 @@ driver then opens tunnels to named targets and prints one JSON line of what happ
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -25,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from mptun.common.address import Address  # noqa: E402
 from mptun.common.crypto import load_key_file  # noqa: E402
-from tests.helpers import wait_listening  # noqa: E402
+from mptun.lab.wait import wait_logged_listeners  # noqa: E402
 from tests.peers import connect_status  # noqa: E402
 
 
@@ -77,18 +79,48 @@ class FlipDNS:
         return head + question + body
 
 
-def counting_listener(addr: str, hits: dict[str, int]) -> int:
-    """A listener that counts accepted connections and closes them; returns its port."""
-    srv = socket.create_server((addr, 0))
-    port = srv.getsockname()[1]
+# A listener in a network namespace of its own (started by `unshare --net`), which the driver
+# joins to its own over a veth pair once told the namespace exists: reachable, but not one of the
+# server's addresses, which `--allow-target` never opens (server/policy.py). One line per event.
+PEER = """
+import socket, subprocess, sys, time
+print("ready", flush=True)
+for _ in range(1000):
+    if subprocess.run(["ip", "link", "show", "v1"], capture_output=True).returncode == 0:
+        break
+    time.sleep(0.01)
+for cmd in (["link", "set", "lo", "up"], ["addr", "add", sys.argv[1] + "/24", "dev", "v1"],
+            ["link", "set", "v1", "up"]):
+    subprocess.run(["ip", *cmd], check=True)
+srv = socket.create_server((sys.argv[1], 0))
+print(srv.getsockname()[1], flush=True)
+while True:
+    conn, _ = srv.accept()
+    print("hit", flush=True)
+    conn.close()
+"""
 
-    def serve() -> None:
-        while True:
-            conn, _ = srv.accept()
+
+def peer_listener(addr: str, hits: dict[str, int]) -> int:
+    """A listener on `addr` in a peer namespace that counts accepted connections; its port."""
+    die_with_us = ctypes.CDLL(None, use_errno=True).prctl  # PR_SET_PDEATHSIG (1), SIGKILL
+    peer = subprocess.Popen(
+        ["unshare", "--net", sys.executable, "-c", PEER, addr],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: die_with_us(1, signal.SIGKILL),  # os._exit leaves no orphan
+    )
+    assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
+    sh("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", str(peer.pid))
+    sh("ip", "addr", "add", "198.51.100.2/24", "dev", "v0")
+    sh("ip", "link", "set", "v0", "up")
+    port = int(peer.stdout.readline())
+
+    def count() -> None:
+        for _ in peer.stdout:  # type: ignore[union-attr]
             hits[addr] = hits.get(addr, 0) + 1
-            conn.close()
 
-    threading.Thread(target=serve, daemon=True).start()
+    threading.Thread(target=count, daemon=True).start()
     return port
 
 
@@ -103,8 +135,20 @@ def main() -> None:
     args = ap.parse_args()
 
     sh("ip", "link", "set", "lo", "up")
-    sh("ip", "addr", "add", "198.51.100.1/32", "dev", "lo")
-    tmp = Path(tempfile.mkdtemp())
+    # The files bind-mounted over /etc live in a temporary directory of the shared file system
+    # (a mount namespace does not make /tmp private): removed before exiting, whatever happens.
+    with tempfile.TemporaryDirectory(prefix="mptun-dns-flip-") as tmp:
+        try:
+            out = run(args, Path(tmp))
+        finally:
+            subprocess.run(["umount", "/etc/resolv.conf", "/etc/hosts"], capture_output=True)
+    print(json.dumps(out))
+    sys.stdout.flush()
+    os._exit(0)  # the DNS and listener threads block in recv/accept: do not wait for them
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict:
+    """Resolver files, DNS server, listeners and the server; the tunnels asked for; the JSON."""
     (tmp / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
     (tmp / "hosts").write_text("127.0.0.1 localhost\n")
     sh("mount", "--bind", str(tmp / "resolv.conf"), "/etc/resolv.conf")
@@ -113,10 +157,9 @@ def main() -> None:
     dns = FlipDNS(args.answers, names)
 
     hits: dict[str, int] = {}
-    # The same port on both addresses, so a connection to the wrong one would be seen.
-    port = counting_listener("198.51.100.1", hits)
-    probe = socket.create_server(("127.0.0.1", port))
-    probe.close()
+    # The same port on both addresses, so a connection to the wrong one would be seen (the
+    # network namespace is this process's own: nothing else can hold the port).
+    port = peer_listener("198.51.100.1", hits)
     counting = socket.create_server(("127.0.0.1", port))
 
     def serve_lo() -> None:
@@ -127,17 +170,15 @@ def main() -> None:
 
     threading.Thread(target=serve_lo, daemon=True).start()
 
-    sport = socket.create_server(("127.0.0.1", 0))
-    server_port = sport.getsockname()[1]
-    sport.close()
     log = open(args.log, "wb")  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "mptun", "--log-level", "debug", "server", "--listen",
-         f"127.0.0.1:{server_port}", "--key-file", args.key_file, *args.server_arg],
+         "127.0.0.1:0", "--key-file", args.key_file, *args.server_arg],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        wait_listening("127.0.0.1", server_port, proc=server)
+        read_log = Path(args.log).read_text
+        ((_, _, server_port),) = wait_logged_listeners(read_log, 1, proc=server)
         psk = load_key_file(args.key_file)
         results = []
         for name in args.target:
@@ -147,8 +188,7 @@ def main() -> None:
         server.terminate()
         server.wait(10)
         log.close()
-    print(json.dumps({"results": results, "queries": dns.queries, "hits": hits}))
-    os._exit(0)
+    return {"results": results, "queries": dns.queries, "hits": hits}
 
 
 if __name__ == "__main__":

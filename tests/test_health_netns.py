@@ -181,7 +181,7 @@ def test_lossy_uplink_is_degraded_without_flapping(bed) -> None:
     wait_until(lambda: _states(r).get("wan2") == "degraded", 15, "wan2 degraded")
     start = time.monotonic()
     seen = set()
-    while time.monotonic() - start < 20:
+    while time.monotonic() - start < 60:  # the minute
         seen.add(_states(r)["wan2"])
         time.sleep(0.5)
     assert seen == {"degraded"}, seen

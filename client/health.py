@@ -7,7 +7,8 @@ with the protocol's health-check request (`probe.probe_server`): `checks` probes
 `interval` seconds. What they find goes through `UplinkHealth`, a pure state machine tested on a
 fake clock:
 
-- **dead**: no probe answered for `dead_after` seconds and at least `checks` of them were lost;
+- **dead**: no probe answered for `dead_after` seconds (`LOSSY_DEAD_FACTOR` times that for an
+  uplink already degraded by loss) and at least `checks` of them were lost;
   back (up or degraded) after `recover` answers in a row, so within one or two intervals.
 - **degraded**: over the last `window` seconds at least `degraded_loss` of the probes were lost,
   or their median round trip is at least `degraded_rtt`. Hysteresis keeps a lossy uplink from
@@ -56,6 +57,11 @@ DEFAULT_HEALTH_FILE = "/var/run/mptun/uplink-health.json"
 HEALTH_FILE_MAX_AGE = 10.0
 HEARTBEAT = 2.0
 ADDRESS_REFRESH = 5.0  # seconds between two reads of the uplinks' addresses
+
+
+# A degraded uplink must be silent this many times dead_after to be dead (a lossy uplink's
+# probes fail in runs; 1.5 s of them is not rare at 30% loss, 4.5 s is).
+LOSSY_DEAD_FACTOR = 3
 
 
 class UplinkState(enum.Enum):
@@ -194,7 +200,7 @@ class UplinkHealth:
             if self._ok_in_row < s.recover:
                 return None
             self._quality = self._judge(now, from_dead=True)
-        elif now - quiet_since >= s.dead_after and self._lost_since_ok >= s.checks:
+        elif now - quiet_since >= self._dead_after() and self._lost_since_ok >= s.checks:
             return self._set(
                 now,
                 UplinkState.DEAD,
@@ -213,6 +219,14 @@ class UplinkHealth:
                 "stripped or refused on the path)",
             )
         return self._set(now, self._quality, self._describe(self._quality))
+
+    def _dead_after(self) -> float:
+        """The silence that makes an uplink dead: longer for one already degraded by loss, whose
+        probes fail about half the time at 30% packet loss each way (a lost SYN or SYN-ACK
+        outlasts a probe's deadline), so that a run of them is not taken for a dead uplink."""
+        if self._quality == UplinkState.DEGRADED:
+            return self.s.dead_after * LOSSY_DEAD_FACTOR
+        return self.s.dead_after
 
     def _judge(self, now: float, from_dead: bool = False) -> UplinkState:
         """Up or degraded, with hysteresis (UNKNOWN while too few probes have come back)."""

@@ -73,6 +73,23 @@ def test_blackhole_is_dead_within_bound_and_recovers_within_two_intervals() -> N
     assert changes[0].at <= 10.0 + 2 * S.interval
 
 
+def test_a_degraded_uplink_needs_a_longer_silence_to_be_dead() -> None:
+    """A lossy uplink's run of lost probes as long as dead_after is not a dead uplink; a
+    silence of LOSSY_DEAD_FACTOR times that is (a blackhole on a lossy uplink)."""
+    from mptun.client.health import LOSSY_DEAD_FACTOR
+
+    rng = random.Random(3)
+    h = UplinkHealth("wan2", S, 0.0)
+    simulate(h, 0.0, 30.0, lambda t: rng.random() >= 0.5)
+    assert h.state == UplinkState.DEGRADED
+    changes = simulate(h, 30.0, 30.0 + 2 * S.dead_after, lambda t: False)
+    assert UplinkState.DEAD not in [c.new for c in changes]
+    changes = simulate(h, 30.0 + 2 * S.dead_after, 40.0, lambda t: False)
+    assert [c.new for c in changes] == [UplinkState.DEAD]
+    bound = LOSSY_DEAD_FACTOR * S.dead_after + S.timeout + S.interval
+    assert changes[0].at <= 30.0 + bound
+
+
 def test_thirty_percent_probe_loss_is_degraded_and_does_not_flap() -> None:
     rng = random.Random(7)
     h = UplinkHealth("wan2", S, 0.0)

@@ -25,6 +25,7 @@ from tests.helpers import ServerProcess, need, wait_until
 AUTH_AT = SALT_LEN + REQUEST_FIXED_LEN + TAG_LEN  # 59: the first authentication
 LENGTHS = [0, 1, SALT_LEN - 1, SALT_LEN, SALT_LEN + 1, AUTH_AT - 1, AUTH_AT, AUTH_AT + 1, 221]
 TRACED = "trace=recvfrom,recvmsg,read,close,shutdown,sendto"
+_CLOSED = re.compile(r"close\(\d+\)\s*=\s*0", re.M)
 _CALL = re.compile(r"^(?:\[pid\s+\d+\]\s+|\d+\s+)?(\w+)\((\d+)?[^=]*=\s*(-?\d+)")
 
 
@@ -61,6 +62,9 @@ def calls_after_fin(srv: ServerProcess, data: bytes, trace: Path) -> list[str]:
             s.settimeout(10)
             assert s.recv(1) == b"", "the server sent a byte"
             wait_until(lambda: recv_q(srv.port) is None, 10, "the server's close")
+            # The socket leaves `established` while close() runs: let strace log its return
+            # before detaching (else the line ends "<detached ...>").
+            wait_until(lambda: _CLOSED.search(trace.read_text()), 10, "strace to log the close")
         finally:
             strace.terminate()
             strace.wait(10)

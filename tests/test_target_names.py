@@ -223,7 +223,12 @@ def test_client_refuses_bad_names_at_socks(tmp_path: Path, key_file: Path, reply
         ServerProcess(tmp_path, key_file) as srv,
         ClientProcess(tmp_path, key_file, srv.port, "--reply", reply) as cli,
     ):
-        before = srv.counters()
+
+        def tunnels() -> dict:
+            """The server's counters but its health checks (the client checks it meanwhile)."""
+            return {k: v for k, v in srv.counters().items() if k != "check"}
+
+        before = tunnels()
         for name, _ in BAD[:6]:
             with socket.create_connection(("127.0.0.1", cli.socks_port), timeout=10) as s:
                 s.sendall(b"\x05\x01\x00")
@@ -231,7 +236,7 @@ def test_client_refuses_bad_names_at_socks(tmp_path: Path, key_file: Path, reply
                 s.sendall(b"\x05\x01\x00" + RawTarget(name).encode())
                 assert s.recv(3)[:2] == b"\x05\x04"  # host unreachable, at once
         assert cli.stats()["counters"].get("socks-refused") == 6
-        assert srv.counters() == before  # no tunnel was opened for them
+        assert tunnels() == before  # no tunnel was opened for them
         log = cli.log()
     assert "invalid target name 'a..b': empty label" in log, log[-3000:]
     assert "same key" not in log, log[-3000:]  # nothing blamed on key, cipher or clock

@@ -50,6 +50,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mptun.client")
 
+
+async def _connect_or_close(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple, timeout: float
+) -> OSError | None:
+    """Connect `sock`; on failure close it and return the error (the caller tries the next
+    address), and close it on cancellation too."""
+    try:
+        await connect(loop, sock, addr, timeout)
+    except OSError as e:
+        sock.close()
+        return e
+    except BaseException:
+        sock.close()
+        raise
+    return None
+
+
 # Called with the server's answer before relaying (a SOCKS reply in `verified` mode); returns
 # False when the connection should not be relayed.
 StatusHook = Callable[[ConnectStatus], Awaitable[bool]]
@@ -282,17 +299,12 @@ class Tunneler:
             if self.transport.fell_back and not self._warned_fallback:
                 self._warned_fallback = True
                 log.warning("MPTCP unavailable on this kernel: tunnels use plain TCP")
-            try:
-                await connect(
-                    loop, sock, Address(ip, server.port).sockaddr(), self.config.connect_timeout
-                )
-            except OSError as e:
-                sock.close()
-                last = e
+            error = await _connect_or_close(
+                loop, sock, Address(ip, server.port).sockaddr(), self.config.connect_timeout
+            )
+            if error is not None:
+                last = error
                 continue
-            except BaseException:
-                sock.close()
-                raise
             tune_leg(sock)
             if not set_keepalive(sock) and not self._keepalive_warned:
                 self._keepalive_warned = True
@@ -634,17 +646,12 @@ class Tunneler:
         for ip in addrs:
             sock = socket.socket(family_of(ip), socket.SOCK_STREAM)
             sock.setblocking(False)
-            try:
-                await connect(
-                    loop, sock, Address(ip, target.port).sockaddr(), self.config.connect_timeout
-                )
-            except OSError as e:
-                sock.close()
-                last = e
+            error = await _connect_or_close(
+                loop, sock, Address(ip, target.port).sockaddr(), self.config.connect_timeout
+            )
+            if error is not None:
+                last = error
                 continue
-            except BaseException:
-                sock.close()
-                raise
             tune_leg(sock)
             return sock
         if last is None:

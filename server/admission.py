@@ -9,7 +9,10 @@ without a byte sent. Oldest means: longest without progress. A connection's age 
 bytes of its unfinished first flight arrive (a failed flight's bytes do not count), and one
 with unread bytes waiting (`Ticket.waiting`: the server has not got to them yet, e.g. while a
 flood keeps it busy) is passed over, so a flight that is arriving is not evicted for
-connections that stalled. docs/PROBING.md says what a prober learns from all this.
+connections that stalled. When every candidate has bytes waiting (the server is behind, e.g.
+one router's burst of tunnels), a budget is exceeded instead: a source's share up to the total,
+the total up to twice itself (OVERSHOOT), beyond which the oldest goes regardless.
+docs/PROBING.md says what a prober learns from all this.
 
 A *source* is an IPv4 address, or an IPv6 /64 (one subscriber's usual prefix, RFC 6177): an
 attacker with a /64 holds 2**64 addresses. IPv4-mapped IPv6 addresses count as their IPv4.
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 DEFAULT_MAX_HANDSHAKES = 1024
 DEFAULT_MAX_HANDSHAKES_PER_SOURCE = 64
 SCAN = 8  # candidates looked at per eviction
+OVERSHOOT = 2  # the total may reach this many times itself with connections whose bytes wait
 
 
 def source_key(host: str) -> str:
@@ -64,6 +68,7 @@ class HandshakeGate:
         if total < 1 or per_source < 1:
             raise ValueError("budgets must be positive")
         self.total, self.per_source = total, min(per_source, total)
+        self.ceiling = total * OVERSHOOT
         self._all: OrderedDict[Ticket, None] = OrderedDict()
         self._by_source: dict[str, OrderedDict[Ticket, None]] = {}
         self.evictions = 0
@@ -92,7 +97,11 @@ class HandshakeGate:
             if victim is not None:
                 self._evict(victim)
         if len(self._all) >= self.total:
-            self._evict(self._stalled(self._all) or next(iter(self._all)))
+            # The same in total, up to the ceiling: connections whose flights wait unread are
+            # the server's backlog, not an attacker's (an attacker's stall once read).
+            victim = self._stalled(self._all, strict=len(self._all) < self.ceiling)
+            if victim is not None:
+                self._evict(victim)
         ticket = Ticket(source, evict, waiting)
         self._all[ticket] = None
         self._by_source.setdefault(source, OrderedDict())[ticket] = None

@@ -50,14 +50,25 @@ def test_the_oldest_is_evicted_first_per_source_then_in_total() -> None:
 
 def test_a_burst_the_server_has_not_read_yet_goes_over_the_share_not_the_total() -> None:
     """One router opening many tunnels at once while the server is behind: its flights wait
-    unread, so nothing of its share is evicted; the total budget still holds."""
+    unread, so nothing is evicted, over its share and over the total up to twice the total;
+    at that ceiling the oldest goes after all."""
     gate = HandshakeGate(total=4, per_source=2)
     evicted: list[str] = []
-    for i in range(4):
+    for i in range(8):
         gate.admit("a", lambda i=i: evicted.append(f"a{i}"))
-    assert evicted == [] and len(gate) == 4
-    gate.admit("a", lambda: evicted.append("a4"))  # total full: the oldest goes after all
-    assert evicted == ["a0"] and len(gate) == 4
+    assert evicted == [] and len(gate) == 8
+    gate.admit("a", lambda: evicted.append("a8"))  # at the ceiling: the oldest goes after all
+    assert evicted == ["a0"] and len(gate) == 8
+
+
+def test_over_the_total_a_stalled_connection_is_still_evicted() -> None:
+    """Going over the total is only for flights waiting unread: a stalled one goes first."""
+    gate = HandshakeGate(total=2, per_source=2)
+    evicted: list[str] = []
+    gate.admit("a", lambda: evicted.append("waiting"), lambda: True).started = True
+    gate.admit("b", lambda: evicted.append("stalled")).started = True
+    gate.admit("c", lambda: evicted.append("c"))
+    assert evicted == ["stalled"] and len(gate) == 2
 
 
 def test_released_places_are_free_again() -> None:
@@ -75,7 +86,8 @@ def test_a_connection_receiving_its_flight_is_evicted_last() -> None:
     gate = HandshakeGate(total=2, per_source=2)
     evicted: list[str] = []
     first = gate.admit("a", lambda: evicted.append("first"))
-    gate.admit("b", lambda: evicted.append("stalled"))
+    first.started = True  # their tasks ran and read what had come
+    gate.admit("b", lambda: evicted.append("stalled")).started = True
     gate.touch(first)
     gate.admit("c", lambda: evicted.append("new"))
     assert evicted == ["stalled"]

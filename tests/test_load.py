@@ -4,6 +4,7 @@ run under a low fd limit and the per-user pipe-memory cap. Resources are read fr
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import hashlib
 import os
@@ -17,14 +18,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from mptun.common.address import Address
 from mptun.common.relay.splice import F_GETPIPE_SZ
-from tests.helpers import ClientProcess, ServerProcess, read_stats_after_usr1
+from tests.helpers import ClientProcess, MptunProcess, ServerProcess, read_stats_after_usr1
 
 TOOLS = Path(__file__).resolve().parent / "tools"
 MIB = 1 << 20
@@ -64,6 +65,11 @@ class Result:
     ok: int = 0
     bad: int = 0  # wrong checksum or short
     refused: int = 0  # reset or SOCKS failure: a clear refusal
+    why: collections.Counter = field(default_factory=collections.Counter)  # refusals' reasons
+
+    def refuse(self, reason: str) -> None:
+        self.refused += 1
+        self.why[reason] += 1
 
 
 BLOCK = os.urandom(MIB)
@@ -77,14 +83,14 @@ async def one_tunnel(socks_port: int, target: Address, i: int, size: int, res: R
     """SOCKS5 CONNECT to the echo target, send `size` bytes, read them back, compare hashes."""
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", socks_port)
-    except OSError:
-        res.refused += 1
+    except OSError as e:
+        res.refuse(f"connect to SOCKS: {e.__class__.__name__} {e.errno}")
         return
     try:
         writer.write(b"\x05\x01\x00\x05\x01\x00" + target.encode())
         head = await reader.readexactly(2 + 10)
         if head[:2] != b"\x05\x00" or head[3] != 0:
-            res.refused += 1
+            res.refuse(f"SOCKS reply {head[:2].hex()}")
             return
         data = payload(i)[:size]
 
@@ -104,10 +110,24 @@ async def one_tunnel(socks_port: int, target: Address, i: int, size: int, res: R
             res.ok += 1
         else:
             res.bad += 1
-    except (OSError, asyncio.IncompleteReadError):
-        res.refused += 1
+    except (OSError, asyncio.IncompleteReadError) as e:
+        res.refuse(f"{e.__class__.__name__} {getattr(e, 'errno', '')}")
     finally:
         writer.transport.abort()
+
+
+def explain(res: Result, *procs: MptunProcess) -> str:
+    """Why tunnels failed: the refusals' reasons and the processes' log lines above debug
+    and their failures."""
+    lines = [f"refusals: {dict(res.why)}"]
+    for p in procs:
+        noisy = [
+            ln
+            for ln in p.log().splitlines()
+            if " DEBUG " not in ln or any(w in ln for w in ("fail", "error", "refus", "timed out"))
+        ]
+        lines += [f"{p.args[0]} log:", *noisy[-15:]]
+    return "\n".join(lines)
 
 
 async def run_load(socks_port: int, target: Address, n: int, size: int, parallel: int) -> Result:
@@ -202,7 +222,7 @@ def test_1000_concurrent_tunnels_1mib_each_way(tmp_path: Path, key_file: Path, b
             peak = srv.stats()
             after_fds = settle(pids, base_fds)
             after_rss = {name: rss(pid) for name, pid in pids.items()}
-        assert (res.ok, res.bad, res.refused) == (1000, 0, 0)
+        assert (res.ok, res.bad, res.refused) == (1000, 0, 0), explain(res, srv, cli)
         assert after_fds == base_fds
         growth = {k: after_rss[k] - base_rss[k] for k in pids}
         print(
@@ -231,7 +251,7 @@ def test_10000_open_close_leak_no_fd(tmp_path: Path, key_file: Path):
             res = asyncio.run(run_load(socks_port, target, 10_000, 64, 100))
             took = time.monotonic() - t0
             after = settle(pids, base)
-        assert (res.ok, res.bad, res.refused) == (10_000, 0, 0)
+        assert (res.ok, res.bad, res.refused) == (10_000, 0, 0), explain(res, srv, cli)
         assert after == base
         print(f"\n10,000 open/close in {took:.1f} s; fds {base} -> {after}")
     finally:
@@ -288,7 +308,7 @@ def test_unprivileged_low_fd_limit_and_pipe_cap_degrade(tmp_path: Path, key_file
             f"\nnobody, nofile 256, pipe cap {cap_pages} pages: {res}; pipe sizes seen "
             f"{sorted(sizes)}; server {stats}"
         )
-        assert (res.ok, res.bad, res.refused) == (n, 0, 0)
+        assert (res.ok, res.bad, res.refused) == (n, 0, 0), explain(res, srv, cli)
         assert MIB in sizes and min(sizes) < MIB, sizes  # pipes shrank once over the cap
         assert again.ok == 2
     finally:

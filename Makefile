@@ -5,8 +5,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Debian packages the tests (and the demo) use; only missing ones are installed.
-APT_PACKAGES := iproute2 procps curl nftables iperf3 kmod faketime shellcheck systemd util-linux dnsmasq-base bind9-dnsutils
+# Debian packages the tests (and the demo) use; only missing ones are installed. prometheus scrapes
+# --metrics, chromium loads the LuCI views (tests/test_metrics_prometheus.py, tests/test_luci.py).
+APT_PACKAGES := iproute2 procps curl nftables iperf3 kmod faketime shellcheck systemd util-linux dnsmasq-base bind9-dnsutils \
+	prometheus chromium
 # What `make bench` adds: the incumbent it is compared with, and mptcpize to run it over MPTCP.
 BENCH_APT_PACKAGES := shadowsocks-libev mptcpize
 PYTEST_ARGS ?= --durations=25

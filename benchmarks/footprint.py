@@ -14,7 +14,17 @@ RSS and PSS come from /proc/PID/smaps_rollup (PSS shares each shared page among 
 mapping it, so it is the fairer figure when several Pythons run). The target is the idle
 client at most 6 MiB above the baseline (RSS).
 
+With `--cpu` it weighs what uvloop buys against its memory instead: a server, a page server
+(mptun/bench/pages.py) and two clients on 127.0.0.1, one on asyncio's loop and one on uvloop;
+rounds alternate between them, each loads the page set (41 fresh connections) `--loads` times
+and downloads `--mib` MiB with curl through the client's SOCKS port, and counts the client's CPU
+time (its scheduler clock). CPU time per connection and per MiB is what a small CPU budget
+divides: a client with half the CPU per MiB moves twice the bytes in the same quota.
+
     .venv/bin/python benchmarks/footprint.py [--json] [--settle 1.0]
+    .venv/bin/python benchmarks/footprint.py --cpu [--rounds 3] [--loads 3] [--mib 64]
+
+Figures and the uvloop trade-off: benchmarks/results/footprint-2026-12.md.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -136,9 +147,10 @@ def measure_client(tmp: Path, uvloop: bool, settle: float) -> dict:
     try:
         wait_for(lambda: log.read_text(errors="replace"), r"socks listening on", proc)
         mem = settled(proc.pid, settle)
+        idle = log.read_text(errors="replace")  # what it holds idle, not what stopping loads
     finally:
         stop(proc)
-    return {**mem, "modules": imported(log.read_text(errors="replace"))}
+    return {**mem, "modules": imported(idle)}
 
 
 def imported(importtime_log: str) -> list[str]:
@@ -210,11 +222,123 @@ def source_size() -> dict[str, int]:
     return {"all": total, "router": router}
 
 
+def start_logged(cmd: list[str], log: Path, pattern: str) -> tuple[subprocess.Popen, str]:
+    """Start `cmd`; once its log shows `pattern` + HOST:PORT, the process and that address."""
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT
+        )
+    wait_for(lambda: log.read_text(errors="replace"), re.escape(pattern) + r"\S+", proc, 30)
+    m = re.search(re.escape(pattern) + r"(\S+)", log.read_text(errors="replace"))
+    assert m is not None
+    return proc, m.group(1)
+
+
+def measure_cpu(rounds: int, loads: int, mib: int) -> dict[str, dict[str, list[float]]]:
+    """Client CPU ms per connection and per MiB, asyncio's loop against uvloop (module doc)."""
+    from mptun.bench.procstat import cpu_seconds
+    from mptun.common.crypto import generate_key
+
+    py = sys.executable
+    procs: list[subprocess.Popen] = []
+    out: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="mptun-footprint-cpu-") as d:
+        tmp = Path(d)
+        key = tmp / "key"
+        key.write_text(generate_key() + "\n")
+        key.chmod(0o600)
+        try:
+            srv, saddr = start_logged(
+                [py, "-m", "mptun", "server", "--listen", "127.0.0.1:0", "--key-file", str(key),
+                 "--allow-target", "127.0.0.0/8"],
+                tmp / "server.log", "listening on ",
+            )  # fmt: skip
+            procs.append(srv)
+            pages = subprocess.Popen(
+                [py, "-m", "mptun.bench.pages", "serve", "--port", "0"],
+                stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            )  # fmt: skip
+            procs.append(pages)
+            assert pages.stdout is not None
+            port = json.loads(pages.stdout.readline())["ports"][0]
+            args = ["client", "--server", saddr, "--key-file", str(key), "--socks",
+                    "127.0.0.1:0", "--control", "none"]  # fmt: skip
+            clients = {}
+            for name, head in (("asyncio", ["-c", NO_UVLOOP]), ("uvloop", ["-m", "mptun"])):
+                p, caddr = start_logged(
+                    [py, *head, *args], tmp / f"{name}.log", "socks listening on "
+                )
+                procs.append(p)
+                clients[name] = (p, caddr)
+                out[name] = {"ms_per_connection": [], "ms_per_mib": []}
+            for _ in range(rounds):
+                for name, (p, caddr) in clients.items():
+                    cpu0 = cpu_seconds(p.pid)
+                    r = subprocess.run(
+                        [py, "-m", "mptun.bench.pages", "load", "--target", f"127.0.0.1:{port}",
+                         "--socks", caddr, "--loads", str(loads)],
+                        capture_output=True, text=True, timeout=300, check=True, cwd=ROOT,
+                    )  # fmt: skip
+                    conns = len(json.loads(r.stdout)["loads"]) * 41
+                    cpu1 = cpu_seconds(p.pid)
+                    out[name]["ms_per_connection"].append((cpu1 - cpu0) / conns * 1e3)
+                    # 1 MiB objects (the page server's largest) on one kept-alive connection
+                    url = f"http://127.0.0.1:{port}/{MIB}"
+                    got = subprocess.run(
+                        ["curl", "-sS", "--socks5", caddr, "-w", "%{size_download}\\n",
+                         *(x for _ in range(mib) for x in ("-o", "/dev/null", url))],
+                        capture_output=True, text=True, timeout=300, check=True,
+                    )  # fmt: skip
+                    if sum(map(int, got.stdout.split())) != mib * MIB:
+                        raise RuntimeError(f"curl got {got.stdout.split()} bytes, not {mib} MiB")
+                    out[name]["ms_per_mib"].append((cpu_seconds(p.pid) - cpu1) / mib * 1e3)
+        finally:
+            for p in procs:
+                stop(p)
+    return out
+
+
+def print_cpu(cpu: dict[str, dict[str, list[float]]], rounds: int, loads: int, mib: int) -> None:
+    def fig(xs: list[float]) -> str:
+        return f"{statistics.median(xs):.3f} [{min(xs):.3f}-{max(xs):.3f}]"
+
+    load = os.getloadavg()
+    print(
+        f"client CPU, ms, median [min-max] of {rounds} rounds ({loads} page loads of 41 "
+        f"connections, {mib} MiB down each); loadavg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    for name, c in cpu.items():
+        print(
+            f"  {name:8s} per connection {fig(c['ms_per_connection'])}, "
+            f"per MiB {fig(c['ms_per_mib'])}"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds idle before sampling")
+    ap.add_argument("--cpu", action="store_true", help="client CPU: asyncio's loop vs uvloop")
+    ap.add_argument("--rounds", type=int, default=3, help="--cpu: rounds per loop")
+    ap.add_argument("--loads", type=int, default=3, help="--cpu: page loads per round")
+    ap.add_argument("--mib", type=int, default=64, help="--cpu: MiB downloaded per round")
     a = ap.parse_args()
+    if a.cpu:
+        for name, value in (("--rounds", a.rounds), ("--loads", a.loads), ("--mib", a.mib)):
+            if not 1 <= value <= 1000:
+                ap.error(f"{name} {value}: give 1-1000")
+        if shutil.which("curl") is None:
+            ap.error("--cpu needs curl")
+        try:
+            import uvloop
+        except ImportError:
+            ap.error("--cpu compares with uvloop, which is not installed")
+        cpu = measure_cpu(a.rounds, a.loads, a.mib)
+        if a.json:
+            print(json.dumps(cpu, indent=2))
+        else:
+            print_cpu(cpu, a.rounds, a.loads, a.mib)
+        return 0
     try:
         import uvloop  # noqa: F401
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
 import socket
@@ -65,6 +64,8 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 def encode_answer(doc: dict, limit: int = MAX_ANSWER) -> bytes:
     """The status document as one JSON line of at most `limit` bytes: tunnels are left out
     (newest last, so the oldest stay), and counted in `connections_omitted`, when it is bigger."""
+    import json  # at the first status asked for: a client nobody watches never loads it
+
     data = json.dumps(doc).encode() + b"\n"
     conns = doc.get("connections")
     if len(data) <= limit or not isinstance(conns, list) or not conns:
@@ -261,6 +262,8 @@ def query(name: str, timeout: float = ANSWER_TIMEOUT, limit: int = MAX_ANSWER) -
         s.close()
     if not chunks:
         raise NotRead("closed without an answer")
+    import json
+
     try:
         doc = json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):

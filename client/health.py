@@ -24,7 +24,9 @@ leaves from a healthy uplink's address when the default route's uplink is dead o
 (the tunnel socket is bound to that source address; mptun's rules route it through its table;
 the LAN's default route is never touched); and the dead uplinks are written to the health file,
 which `mptun uplinks` (the one owner of MPTCP endpoints) reads to withdraw their endpoints, so
-no new subflow is opened over them until they answer again.
+no new subflow is opened over them until they answer again. With `--uplink-hook` another
+program owns the endpoints (the OpenWrt package's shell): each change runs it (client/hook.py)
+and the health file names no uplink to withdraw.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import asyncio
 import contextlib
 import enum
 import ipaddress
-import json
 import logging
 import os
 import socket
@@ -42,11 +43,16 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from mptun.client.ifaddrs import read_addresses
 from mptun.client.probe import ProbeResult, probe_server
 from mptun.common.address import Address, IPAddress
 from mptun.common.crypto import CipherSpec
 from mptun.common.sockets import Transport, family_of
+
+if TYPE_CHECKING:
+    from mptun.client.hook import UplinkHook  # built by the caller, only with --uplink-hook
 
 log = logging.getLogger("mptun.client")
 
@@ -291,6 +297,8 @@ def write_health_file(
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}")
+    import json  # here, as in client/control.py: only a client with --uplink writes the file
+
     tmp.write_text(json.dumps(doc, sort_keys=True) + "\n")
     os.replace(tmp, p)
 
@@ -301,6 +309,8 @@ def read_withdrawn(path: str | None, now: float | None = None) -> frozenset[str]
     if not path:
         return frozenset()
     now = time.time() if now is None else now
+    import json
+
     try:
         doc = json.loads(Path(path).read_text())
         if now - float(doc["updated"]) > HEALTH_FILE_MAX_AGE:
@@ -315,19 +325,6 @@ def read_withdrawn(path: str | None, now: float | None = None) -> frozenset[str]
 
 # -- the prober ----------------------------------------------------------------------------------
 AddressReader = Callable[[list[str]], dict[str, list[IPAddress]]]
-
-
-def read_addresses(names: list[str]) -> dict[str, list[IPAddress]]:
-    """Each uplink's global addresses, read over rtnetlink (no privileges needed)."""
-    from mptun.client.netlink import Netlink
-
-    with Netlink() as nl:
-        state = nl.state()
-    out: dict[str, list[IPAddress]] = {}
-    for name in names:
-        link = state.links.get(name)
-        out[name] = state.ips_of(link) if link is not None and link.operational else []
-    return out
 
 
 @dataclass
@@ -350,8 +347,10 @@ class HealthMonitor:
         health_file: str | None = DEFAULT_HEALTH_FILE,
         prefix: bytes = b"",
         addresses: AddressReader = read_addresses,
+        hook: UplinkHook | None = None,
     ) -> None:
         self.s = settings or HealthSettings()
+        self.hook = hook  # told every change; then it, not `mptun uplinks`, withdraws
         self._server, self._cipher, self._prefix = server, cipher, prefix
         self._psk = psk if callable(psk) else (lambda: psk)
         self.health_file = health_file
@@ -370,17 +369,20 @@ class HealthMonitor:
         self._task = loop.create_task(self._run())
         names = ", ".join(self.uplinks)
         log.info(
-            "uplink health: probing %s (%d every %g s, dead after %g s)",
+            "uplink health: probing %s (%d every %g s, dead after %g s)%s",
             names,
             self.s.checks,
             self.s.interval,
             self.s.dead_after,
+            f"; changes go to the hook {' '.join(self.hook.argv)}" if self.hook else "",
         )
 
     def close(self) -> None:
         for t in [self._task, *self._tasks]:
             if t is not None:
                 t.cancel()
+        if self.hook is not None:
+            self.hook.close()
         if self.health_file:
             with contextlib.suppress(OSError):
                 Path(self.health_file).unlink()
@@ -414,7 +416,7 @@ class HealthMonitor:
         self._addresses_at = time.monotonic()
         try:
             found = await asyncio.to_thread(self._read_addresses, list(self.uplinks))
-        except Exception as e:  # no pyroute2, netlink refused: say so, keep going
+        except Exception as e:  # netlink refused (a seccomp filter): say so, keep going
             log.warning("uplink health: cannot read the uplinks' addresses: %s", e)
             return
         for name, up in self.uplinks.items():
@@ -452,6 +454,8 @@ class HealthMonitor:
         if change is None:
             return
         self._write()  # at once: `mptun uplinks --watch` acts on it within its poll
+        if self.hook is not None:
+            self.hook.notify(change.uplink, change.new.value)
         level = logging.WARNING if change.new == UplinkState.DEAD else logging.INFO
         log.log(
             level,
@@ -493,7 +497,10 @@ class HealthMonitor:
         return [u.health for u in self.uplinks.values()]
 
     def withdrawn(self) -> frozenset[str]:
-        """Dead uplinks, unless every uplink is dead (then the server is the likelier cause)."""
+        """Dead uplinks, unless every uplink is dead (then the server is the likelier cause);
+        none with a hook, which owns the endpoints then."""
+        if self.hook is not None:
+            return frozenset()
         dead = {n for n, u in self.uplinks.items() if u.health.state == UplinkState.DEAD}
         return frozenset() if dead == set(self.uplinks) else frozenset(dead)
 

@@ -10,7 +10,15 @@ What is never redirected, and why:
   VPS among them) use the output path and never reach a prerouting hook, so nothing loops;
 - destinations on the router itself (`fib daddr type local`);
 - the VPS server's addresses (a LAN connection to the VPS goes out as it is);
-- the bypass ranges (by default loopback, private, shared, link-local, multicast, reserved).
+- the bypass ranges (by default loopback, private, shared, link-local, multicast, reserved);
+- what the bypassed LAN hosts send (`source_bypass`), TCP and UDP.
+
+With `udp_port` the LAN's UDP is handed to the client's `--tproxy-udp` listener by nftables
+`tproxy` (UDP has no conntrack original destination to read back, so REDIRECT cannot serve it),
+whatever the TCP mode, with the same exceptions, broadcast and multicast, port 53 when
+`dns_port` catches it, and the `udp_bypass_ports`. It never uses the `socket transparent 1`
+shortcut of the TCP chain: the client's reply sockets are transparent, bound to remote addresses
+and unconnected, so for UDP that match would take the LAN's datagrams to them (client/tproxy.py).
 """
 
 from __future__ import annotations
@@ -134,9 +142,22 @@ class GatewaySettings:
     table: str = DEFAULT_TABLE
     mark: int = DEFAULT_MARK
     route_table: int = DEFAULT_ROUTE_TABLE
+    udp_port: int | None = None  # the client's --tproxy-udp port: the LAN's UDP through it
+    source_bypass: Sequence[IPNetwork] = ()  # LAN hosts whose TCP and UDP leave directly
+    udp_bypass_ports: Sequence[tuple[int, int]] = ()  # UDP from or to these ports leaves directly
+
+    @property
+    def policy_routing(self) -> bool:
+        """Whether the ruleset marks packets for local delivery (tproxy of TCP or UDP)."""
+        return self.mode == "tproxy" or self.udp_port is not None
 
     def validate(self) -> None:
-        for p, what in ((self.port, "listener port"), (self.dns_port, "DNS port")):
+        ports = (
+            (self.port, "listener port"),
+            (self.dns_port, "DNS port"),
+            (self.udp_port, "UDP port"),
+        )
+        for p, what in ports:
             if p is not None and not 0 < p <= 0xFFFF:
                 raise ConfigError(f"{what} must be 1-65535, not {p}")
         if not self.lan_interfaces:
@@ -150,6 +171,38 @@ class GatewaySettings:
             raise ConfigError(f"mark must be 1-0xffffffff, not {self.mark:#x}")
         if not 0 < self.route_table < 0xFFFFFFFF or self.route_table in (253, 254, 255):
             raise ConfigError(f"route table {self.route_table} is reserved or out of range")
+        if self.udp_bypass_ports and self.udp_port is None:
+            raise ConfigError("UDP bypass ports need the UDP port (--udp-port): no UDP is caught")
+        for lo, hi in self.udp_bypass_ports:
+            if not 0 < lo <= hi <= 0xFFFF:
+                raise ConfigError(f"UDP bypass ports {lo}-{hi}: give 1-65535, the lower first")
+
+
+def parse_port_ranges(values: Iterable[str]) -> list[tuple[int, int]]:
+    """Ports and ranges (`3074`, `3478-3480`) as (low, high) pairs; ConfigError if one is bad."""
+    out = []
+    for value in values:
+        text = value.strip()
+        lo, sep, hi = text.partition("-")
+        try:
+            pair = (int(lo), int(hi) if sep else int(lo))
+        except ValueError:
+            raise ConfigError(f"not a port or a port range (PORT or LOW-HIGH): {value!r}") from None
+        if not 0 < pair[0] <= pair[1] <= 0xFFFF:
+            raise ConfigError(f"port range {value!r}: ports 1-65535, the lower first")
+        out.append(pair)
+    return out
+
+
+def _port_elements(ranges: Iterable[tuple[int, int]]) -> list[str]:
+    """Sorted, merged port ranges (an interval set refuses overlapping elements)."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in merged]
 
 
 def parse_networks(values: Iterable[str], what: str = "bypass") -> list[IPNetwork]:
@@ -194,6 +247,15 @@ def gateway_table(s: GatewaySettings) -> Table:
         ]
     chains: list[Chain] = []
     only_lan = "iifname != @lan_ifaces return"
+    from_bypassed = []  # the bypassed LAN hosts' rules (none without them: the usual ruleset)
+    if s.source_bypass:
+        v4 = NftSet("source_bypass_v4", "ipv4_addr", _elements(s.source_bypass, 4), interval=True)
+        sets.append(v4)
+        from_bypassed.append("ip saddr @source_bypass_v4 return")
+        if s.ipv6:
+            v6 = _elements(s.source_bypass, 6)
+            sets.append(NftSet("source_bypass_v6", "ipv6_addr", v6, interval=True))
+            from_bypassed.append("ip6 saddr @source_bypass_v6 return")
     dns_family = "" if s.ipv6 else "meta nfproto ipv4 "
     dns_rule = (
         f"{dns_family}meta l4proto {{ tcp, udp }} th dport 53 redirect to :{s.dns_port}"
@@ -204,7 +266,7 @@ def gateway_table(s: GatewaySettings) -> Table:
         nat = [only_lan]
         if dns_rule:
             nat.append(dns_rule)  # before the local-address rule: catches queries to the router
-        nat += [*_skip_rules(s.ipv6), f"meta l4proto tcp redirect to :{s.port}"]
+        nat += [*from_bypassed, *_skip_rules(s.ipv6), f"meta l4proto tcp redirect to :{s.port}"]
         chains.append(
             Chain(
                 "lan_redirect",
@@ -225,6 +287,7 @@ def gateway_table(s: GatewaySettings) -> Table:
                 "mangle",
                 rules=[
                     only_lan,
+                    *from_bypassed,
                     *_skip_rules(s.ipv6),
                     # packets of connections already handed over: mark them for local delivery
                     f"meta l4proto tcp socket transparent 1 meta mark set {mark} accept",
@@ -237,6 +300,11 @@ def gateway_table(s: GatewaySettings) -> Table:
             chains.append(
                 Chain("lan_dns", "nat", "prerouting", "dstnat", rules=[only_lan, dns_rule])
             )
+    if s.udp_port is not None:
+        if s.udp_bypass_ports:
+            ports = _port_elements(s.udp_bypass_ports)
+            sets.append(NftSet("udp_bypass_ports", "inet_service", ports, interval=True))
+        chains.append(_udp_chain(s, only_lan, from_bypassed))
     if s.block_quic:
         chains.append(
             Chain(
@@ -251,12 +319,36 @@ def gateway_table(s: GatewaySettings) -> Table:
     return Table("inet", s.table, sets, chains, _header(s))
 
 
+def _udp_chain(s: GatewaySettings, only_lan: str, from_bypassed: list[str]) -> Chain:
+    """The LAN's UDP to the client's --tproxy-udp listener (nftables `tproxy`, marked)."""
+    mark = f"{s.mark:#x}"
+    rules = [only_lan, "meta l4proto != udp return", *from_bypassed]
+    if s.dns_port:
+        rules.append("udp dport 53 return")  # the dstnat chain sends it to --dns
+    rules += [
+        # to the router, and to broadcast and multicast (DHCP, mDNS, SSDP) it never tunnels
+        "fib daddr type { local, broadcast, multicast } return",
+        *_skip_rules(s.ipv6)[1:],
+    ]
+    if s.udp_bypass_ports:
+        rules += ["udp sport @udp_bypass_ports return", "udp dport @udp_bypass_ports return"]
+    rules.append(f"meta l4proto udp tproxy to :{s.udp_port} meta mark set {mark} accept")
+    return Chain(
+        "lan_udp",
+        "filter",
+        "prerouting",
+        "mangle",
+        rules=rules,
+        comment="the LAN's UDP to the mptun client's --tproxy-udp port",
+    )
+
+
 def _header(s: GatewaySettings) -> list[str]:
     lines = [
         "mptun gateway ruleset (generated by `mptun nft`). Load: nft -f FILE",
         f"Remove: nft delete table inet {s.table}",
     ]
-    if s.mode == "tproxy":
+    if s.policy_routing:
         lines += [
             "tproxy also needs policy routing that delivers marked packets locally:",
             f"  ip rule add fwmark {s.mark:#x} lookup {s.route_table}",
@@ -271,7 +363,7 @@ def _header(s: GatewaySettings) -> list[str]:
 
 
 def policy_routing_commands(s: GatewaySettings) -> list[list[str]]:
-    """The `ip` commands tproxy mode needs (the ruleset's header says the same)."""
+    """The `ip` commands tproxy (TCP or UDP) needs (the ruleset's header says the same)."""
     cmds = [
         ["ip", "rule", "add", "fwmark", f"{s.mark:#x}", "lookup", str(s.route_table)],
         ["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", str(s.route_table)],

@@ -6,7 +6,8 @@ list is the same), cipher, relay engine, timeouts, `--prefix`, `--when-down`,
 closed (its connections go on), a new one is bound, one whose settings changed (SOCKS auth,
 reply policy, per-client cap; a forward's target) gets them for its next connection. What needs
 a restart is kept as it was and named in the log line: the server list, `--server-policy`,
-`--server-check-interval`, `--transport`, `--dns*`, `--control`, `--stats-file`.
+`--server-check-interval`, `--transport`, `--dns*`, `--udp-*`, `--control`, `--stats-file`,
+`--metrics`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from mptun.client.app import ClientSettings, build_client, tunnel_config
 from mptun.client.service import Client, ListenerSpec
+from mptun.client.socks import SocksListener
 from mptun.client.tunnel import Tunneler
 from mptun.common.address import Address
 from mptun.common.limits import fit_connections
@@ -93,6 +95,9 @@ def reload_client(
     now = dataclasses.replace(new, **keep)
 
     fresh = build_client(now, tunneler).app  # first: it may refuse the settings (ConfigError)
+    for spec in fresh.specs:  # a new SOCKS handler serves UDP with the running associations
+        if isinstance(spec.handler, SocksListener) and spec.handler.udp is not None:
+            spec.handler.udp = app.udp
     _apply_tunnel(tunneler, now)
     listeners = _apply_listeners(app, fresh, old, now)
     tunneler.counters["reload"] += 1
@@ -114,7 +119,12 @@ def _apply_tunnel(tunneler: Tunneler, s: ClientSettings) -> None:
     cfg = tunnel_config(s)
     old = tunneler.config
     tunneler.config = dataclasses.replace(
-        cfg, mptcp=old.mptcp, policy=old.policy, check_interval=old.check_interval
+        cfg,
+        mptcp=old.mptcp,
+        policy=old.policy,
+        check_interval=old.check_interval,
+        fast_open=old.fast_open,  # --fast-open and --pool need a restart, as the log line says
+        pool=old.pool,
     )
     # same addresses (checked by the caller): the servers' keys, read at each tunnel and check
     tunneler.servers.servers = cfg.servers

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mptun.client.tunnel import Tunneler
+from mptun.client.udp import UdpTunnels
 from mptun.common.address import Address
 from mptun.common.errors import ConfigError
 from mptun.common.limits import fit_connections
@@ -61,7 +62,8 @@ class Client:
     ) -> None:
         if not listeners and not services:
             raise ConfigError(
-                "nothing to listen on: give --socks, --redir, --tproxy, --forward or --dns"
+                "nothing to listen on: give --socks, --redir, --tproxy, --tproxy-udp, --forward "
+                "or --dns"
             )
         self.tunneler = tunneler
         self.specs = listeners
@@ -72,6 +74,7 @@ class Client:
         self.addresses: list[Address] = []
         # Tasks beside the listeners, started and closed with them (the uplink health monitor).
         self.background: list[Background] = []
+        self.udp: UdpTunnels | None = None  # the UDP associations (client/udp.py), ended at stop
 
     def start(self, loop: asyncio.AbstractEventLoop) -> list[Address]:
         local = Transport(want_mptcp=False)  # the LAN side is plain TCP
@@ -152,6 +155,8 @@ class Client:
             a.close()
         for s in self.started:
             s.close()
+        if self.udp is not None:
+            await self.udp.aclose()
         left = await asyncio.gather(
             *(a.drain(drain_timeout) for a in self.loops),
             *(s.drain(drain_timeout) for s in self.started),

@@ -11,6 +11,7 @@ program's connections would lock out all others (`--max-connections` still bound
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import ipaddress
 import logging
@@ -18,15 +19,20 @@ import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from mptun.client import socks5
 from mptun.client.tunnel import Tunneler
-from mptun.common.address import format_sockaddr
+from mptun.common.address import Address, format_sockaddr
 from mptun.common.crypto import read_secret_file
+from mptun.common.drive import recv_ready
 from mptun.common.errors import ConfigError
 from mptun.common.handshake import ConnectStatus
 from mptun.common.logutil import BurstLog
 from mptun.common.sockets import reset
+
+if TYPE_CHECKING:
+    from mptun.client.udp import UdpTunnels
 
 log = logging.getLogger("mptun.client.socks")
 
@@ -174,8 +180,10 @@ class SocksListener:
         handshake_timeout: float = 10.0,
         per_client: int = 256,
         throttle: AuthThrottle | None = None,
+        udp: UdpTunnels | None = None,
     ) -> None:
         self.tunneler, self.policy, self.credentials = tunneler, policy, credentials
+        self.udp = udp  # UDP ASSOCIATE is served with it (client/socksudp.py), refused without
         self.handshake_timeout = handshake_timeout
         self.per_client = per_client
         self.throttle = throttle or AuthThrottle()
@@ -238,11 +246,14 @@ class SocksListener:
         loop = asyncio.get_running_loop()
         cid = self.tunneler.next_id()
         source = f"socks {format_sockaddr(peer)}"
-        hs = socks5.Socks5Handshake(self.credentials, lambda: self.throttle.may_try(key))
+        hs = socks5.Socks5Handshake(
+            self.credentials, lambda: self.throttle.may_try(key), udp=self.udp is not None
+        )
         self._begin_handshake(key, sock)
+        held = bytearray()  # replies not sent yet (`_negotiate`)
         try:
             async with asyncio.timeout(self.handshake_timeout):
-                target = await _negotiate(loop, sock, hs)
+                target = await _negotiate(loop, sock, hs, held)
         except socks5.SocksError as e:
             self.tunneler.counters["socks-refused"] += 1
             if isinstance(e, socks5.AuthFailed):
@@ -252,8 +263,8 @@ class SocksListener:
                     self.tunneler.counters["socks-auth-throttled"] += 1
             self._bad_log("%s %s: %s", cid, source, e)
             try:
-                if e.response:
-                    sock.send(e.response)
+                if held or e.response:
+                    sock.send(bytes(held) + e.response)
             except OSError:
                 pass
             sock.close()
@@ -267,13 +278,24 @@ class SocksListener:
             raise
         finally:
             self._end_handshake(key, sock)
+        optimistic = self.policy is ReplyPolicy.OPTIMISTIC and not self.tunneler.rejecting
+        if held and (isinstance(target, socks5.UdpAssociate) or not optimistic):
+            try:  # the greeting's reply now; an optimistic CONNECT's goes with it, below
+                await loop.sock_sendall(sock, bytes(held))
+            except OSError:
+                sock.close()
+                return
+            held.clear()
+        if isinstance(target, socks5.UdpAssociate):
+            await self._udp_associate(loop, sock, peer, target.source, cid)
+            return
         early = hs.trailing_data
         if self.tunneler.rejecting:  # every server down, --when-down reject: say so at once
             await self.tunneler.run(cid, source, sock, target, early, on_status=self._refused(sock))
             return
         if self.policy is ReplyPolicy.OPTIMISTIC:
             try:
-                await loop.sock_sendall(sock, socks5.reply(socks5.Reply.SUCCEEDED))
+                await loop.sock_sendall(sock, bytes(held) + socks5.reply(socks5.Reply.SUCCEEDED))
             except OSError:
                 sock.close()
                 return
@@ -287,6 +309,36 @@ class SocksListener:
         await self.tunneler.run(
             cid, source, sock, target, early, on_status=on_status, wait_for_early_data=False
         )
+
+    async def _udp_associate(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        peer: tuple,
+        announced: Address,
+        cid: str,
+    ) -> None:
+        """Serve a UDP ASSOCIATE until its control connection closes (client/socksudp.py)."""
+        assert self.udp is not None
+        # Here, not at the top: the relay's code is loaded by the first UDP ASSOCIATE, not by
+        # an idle client (benchmarks/footprint.py).
+        from mptun.client.socksudp import SocksUdpRelay
+
+        try:
+            relay = SocksUdpRelay(self.udp, sock, peer, announced, cid, self._bad_log)
+        except OSError as e:
+            log.info("%s socks %s: no UDP relay socket: %s", cid, format_sockaddr(peer), e)
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(sock, socks5.reply(socks5.Reply.GENERAL_FAILURE))
+            sock.close()
+            return
+        try:
+            await loop.sock_sendall(sock, socks5.reply(socks5.Reply.SUCCEEDED, relay.bound))
+        except OSError:
+            relay.sock.close()
+            sock.close()
+            return
+        await relay.run(loop)
 
     @staticmethod
     def _refused(sock: socket.socket) -> Callable[[ConnectStatus], Awaitable[bool]]:
@@ -302,16 +354,32 @@ class SocksListener:
 
 
 async def _negotiate(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, hs: socks5.Socks5Handshake
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    hs: socks5.Socks5Handshake,
+    held: bytearray,
 ):
+    """The client's request (a target or a UDP ASSOCIATE); the replies on the way are held in
+    `held` until the machine needs more bytes, then sent before waiting for them.
+
+    A client that sends its greeting and request together (mptun's own bench clients do) gets
+    the greeting's reply with the CONNECT's, in one send the caller makes: one segment and one
+    wakeup of the application, not two. A client that waits for the greeting's reply gets it
+    before the listener waits for its request.
+    """
     while True:
         event = hs.next_event()
         if isinstance(event, socks5.Connect):
             return event.target
+        if isinstance(event, socks5.UdpAssociate):
+            return event
         if isinstance(event, socks5.Send):
-            await loop.sock_sendall(sock, event.data)
+            held += event.data
             continue
-        data = await loop.sock_recv(sock, 4096)
+        if held:
+            await loop.sock_sendall(sock, bytes(held))
+            held.clear()
+        data = await recv_ready(loop, sock, 4096)  # queued with the accept, as a rule
         if not data:
             raise EOFError("client closed during the SOCKS handshake")
         hs.receive_data(data)

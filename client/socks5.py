@@ -1,8 +1,9 @@
 """SOCKS5 server side (RFC 1928) with username/password auth (RFC 1929), sans-I/O.
 
 The client's SOCKS listener feeds received bytes in and gets back bytes to send and, finally, the
-CONNECT target. Clients may pipeline (send the request before our method reply): whatever follows
-the request stays in `trailing_data` and becomes early data of the tunnel's first flight.
+CONNECT target (or a UDP ASSOCIATE request, whose datagrams' headers `parse_udp_request` reads).
+Clients may pipeline (send the request before our method reply): whatever follows the request
+stays in `trailing_data` and becomes early data of the tunnel's first flight.
 """
 
 from __future__ import annotations
@@ -59,6 +60,45 @@ class Connect:
     target: Address
 
 
+@dataclass(frozen=True, slots=True)
+class UdpAssociate:
+    """The client asked for UDP ASSOCIATE (RFC 1928 section 7); `source` is the DST.ADDR and
+    DST.PORT it announced: where its datagrams will come from (zeros when it does not know)."""
+
+    source: Address
+
+
+@dataclass(frozen=True, slots=True)
+class UdpRequest:
+    """One datagram of a UDP ASSOCIATE client: its FRAG byte, target and data."""
+
+    frag: int
+    target: Address
+    data: bytes
+
+
+def parse_udp_request(datagram: bytes) -> UdpRequest:
+    """The RFC 1928 section 7 header of a client's datagram; SocksError when malformed."""
+    # RSV (2 zero bytes), FRAG (1), the target (ATYP form), then the data
+    if len(datagram) < 4 or datagram[0:2] != b"\0\0":
+        raise SocksError("malformed UDP request header")
+    try:
+        decoded = addr_codec.decode(datagram, 3)
+    except addr_codec.InvalidName as e:
+        raise SocksError(str(e)) from None
+    except ProtocolError:
+        raise SocksError("unsupported address type in a UDP request") from None
+    if decoded is None:
+        raise SocksError("truncated UDP request header")
+    target, end = decoded
+    return UdpRequest(datagram[2], target, datagram[end:])
+
+
+def udp_reply(source: Address, data: bytes) -> bytes:
+    """A datagram to the client: RSV, FRAG 0, the address it came from, the data."""
+    return b"\0\0\0" + source.encode() + data
+
+
 class NeedData:
     pass
 
@@ -92,7 +132,9 @@ class Socks5Handshake:
         self,
         credentials: tuple[str, str] | None = None,
         may_try: Callable[[], bool] | None = None,
+        udp: bool = False,
     ) -> None:
+        self.udp = udp  # UDP ASSOCIATE is served (else refused as not supported)
         self._creds = (
             (credentials[0].encode(), credentials[1].encode()) if credentials is not None else None
         )
@@ -122,7 +164,7 @@ class Socks5Handshake:
         self._state = "error"
         return self._error
 
-    def next_event(self) -> NeedData | Send | Connect:
+    def next_event(self) -> NeedData | Send | Connect | UdpAssociate:
         if self._error:
             raise self._error
         buf = self._buf
@@ -194,6 +236,9 @@ class Socks5Handshake:
                 return NEED_DATA
             target, end = decoded
             del buf[:end]
+            if cmd == CMD_UDP_ASSOCIATE and self.udp:
+                self._state = "request-received"
+                return UdpAssociate(target)
             if cmd != CMD_CONNECT:
                 name = {CMD_BIND: "BIND", CMD_UDP_ASSOCIATE: "UDP ASSOCIATE"}.get(cmd, hex(cmd))
                 raise self._fail(

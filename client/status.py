@@ -297,6 +297,7 @@ def render(rep: Report) -> list[str]:
         lines += _render_uplink_health(c)
         for conn in conns:
             lines += _render_conn(conn)
+        lines += _render_udp(c)
     if rep.clients and rep.unreachable:
         lines.append("control sockets not read:")
     # Any user can bind names that look like clients': a few lines, then how many more.
@@ -356,6 +357,26 @@ def _render_uplink_health(client: dict) -> list[str]:
         if u.get("reason"):
             line += f": {clean(u.get('reason'), 300)}"
         lines.append(line)
+    return lines
+
+
+def _render_udp(client: dict) -> list[str]:
+    """The client's UDP associations (client/udp.py): LAN source, destinations, bytes, age."""
+    assocs = client.get("udp") or []
+    if not assocs:
+        return []
+    lines = [f"  {len(assocs)} UDP association(s):"]
+    for a in assocs:
+        dests = [clean(d) for d in (a.get("destinations") or [])[:4]]
+        more = len(a.get("destinations") or []) - len(dests)
+        shown = ", ".join(dests) + (f" and {more} more" if more > 0 else "")
+        lines.append(
+            f"    {clean(a.get('id'))}  {clean(a.get('source'))} -> {shown or '-'}  "
+            f"{clean(a.get('state'))}, {a.get('age') or 0:.0f} s "
+            f"(idle {a.get('idle') or 0:.0f} s), "
+            f"up {_b(a.get('up_bytes'))}, down {_b(a.get('down_bytes'))}, "
+            f"{clean(a.get('drops'))} dropped"
+        )
     return lines
 
 

@@ -12,19 +12,25 @@ import errno
 import logging
 import socket
 import time
+import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mptun.client import fastopen
+from mptun.client.fastopen import FastOpenPaths
 from mptun.client.monitor import ServerMonitor
+from mptun.client.pool import TunnelPool
 from mptun.client.servers import Change, Policy, Server, ServerSet, State, WhenDown
 from mptun.common.address import Address
 from mptun.common.crypto import CipherSpec
 from mptun.common.drive import drive
 from mptun.common.errors import ProtocolError, Status
 from mptun.common.handshake import (
+    CHECK_TARGET,
     MAX_EARLY_DATA,
+    TYPE_REQUEST,
     ClientHandshake,
     ConnectStatus,
     Response,
@@ -52,12 +58,16 @@ log = logging.getLogger("mptun.client")
 
 
 async def _connect_or_close(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple, timeout: float
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    addr: tuple,
+    timeout: float,
+    how: Coroutine[None, None, None] | None = None,
 ) -> OSError | None:
-    """Connect `sock`; on failure close it and return the error (the caller tries the next
-    address), and close it on cancellation too."""
+    """Connect `sock` (by `how` when given); on failure close it and return the error (the
+    caller tries the next address), and close it on cancellation too."""
     try:
-        await connect(loop, sock, addr, timeout)
+        await (how if how is not None else connect(loop, sock, addr, timeout))
     except OSError as e:
         sock.close()
         return e
@@ -92,6 +102,8 @@ class TunnelConfig:
     when_down: WhenDown = WhenDown.REJECT  # --when-down: every server down
     check_interval: float = 2.0  # seconds between two checks of a server (--server-check-interval)
     log_connections: bool = False  # connected/closed lines at info (--log-connections), else debug
+    fast_open: bool = False  # the first flight in the SYN once a cookie is cached (--fast-open)
+    pool: int = 0  # tunnels connected ahead to the preferred server (--pool, client/pool.py)
 
     @property
     def servers(self) -> tuple[Server, ...]:
@@ -110,6 +122,12 @@ class _Connection:
     on_status: StatusHook | None
     started: float  # time.monotonic() when `run` took it
     server: Server | None = None  # the server its tunnel connected to (`_open_any`)
+    early: bytes = b""  # with --fast-open: the early data, read before connecting
+    # with --fast-open: each server's handshake whose first flight went with its connect
+    flights: dict[int, ClientHandshake] = field(default_factory=dict)
+    hs: ClientHandshake | None = None  # the winner's, its first flight sent
+    tunnel: socket.socket | None = None  # the fresh tunnel that replaced a dead pooled one
+    kind: int = TYPE_REQUEST  # its first flight's request type (TYPE_UDP: client/udp.py)
 
 
 @dataclass
@@ -164,6 +182,9 @@ class Tunneler:
         self.race_after = 2.0
         self.transport = Transport(want_mptcp=config.mptcp)
         self.counters: Counter[str] = Counter()
+        # Bytes of the tunnels that have ended (--metrics): up LAN -> server, down back.
+        self.bytes_up = 0
+        self.bytes_down = 0
         self._ids = 0
         self.live: dict[str, LiveTunnel] = {}  # relaying now, for `mptun status`
         self._down_log = BurstLog(log, logging.WARNING)
@@ -171,6 +192,12 @@ class Tunneler:
         self._warned_fallback = False
         self._keepalive_warned = False
         self.uplinks: HealthMonitor | None = None  # uplink health, with --uplink (app.py)
+        self.fast_open = FastOpenPaths()  # paths that drop SYNs with data (--fast-open)
+        self.pool: TunnelPool | None = None
+        self._pooled_out: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # taken from it
+        if config.pool:
+            opener = lambda server: self._dial(asyncio.get_running_loop(), server)  # noqa: E731
+            self.pool = TunnelPool(config.pool, opener, self._pool_target, self.counters)
 
     def next_id(self) -> str:
         self._ids += 1
@@ -179,10 +206,14 @@ class Tunneler:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start checking the servers (idempotent; `run` starts it too)."""
         self.monitor.start(loop)
+        if self.pool is not None:
+            self.pool.start(loop)
 
     def close(self) -> None:
         """Stop checking the servers."""
         self.monitor.close()
+        if self.pool is not None:
+            self.pool.close()
 
     @property
     def preferred(self) -> Address:
@@ -220,6 +251,21 @@ class Tunneler:
         """Connect a tunnel socket to the first server; raise TunnelError when it cannot."""
         return await self._open(loop, self.config.server)
 
+    async def open_best(
+        self, loop: asyncio.AbstractEventLoop, cid: str, source: str, kind: int, early: bytes
+    ) -> tuple[socket.socket, bool | None, Server, ClientHandshake | None]:
+        """Connect a tunnel socket to the best server as `run` does (failover, racing, the
+        pool), for tunnels that relay no accepted socket (UDP associations: client/udp.py);
+        the socket, whether it is MPTCP, the server (its key signs the handshake), and the
+        handshake whose first flight (of request type `kind`, with `early`) went with the
+        connect (--fast-open), else None: the caller sends one. TunnelError if none."""
+        self.start(loop)
+        conn = _Connection(cid, source, None, CHECK_TARGET, None, time.monotonic())  # type: ignore[arg-type]
+        conn.kind, conn.early = kind, early
+        sock, mptcp = await self._open_any(loop, conn)
+        assert conn.server is not None
+        return sock, mptcp, conn.server, conn.hs
+
     async def _open_any(
         self, loop: asyncio.AbstractEventLoop, conn: _Connection
     ) -> tuple[socket.socket, bool | None]:
@@ -238,7 +284,7 @@ class Tunneler:
         try:
             while queue or attempts:
                 if queue and not attempts:
-                    self._attempt(loop, attempts, queue.pop(0))
+                    self._attempt(loop, attempts, queue.pop(0), conn)
                 wait = self.race_after if queue else None
                 done, _ = await asyncio.wait(
                     attempts, timeout=wait, return_when=asyncio.FIRST_COMPLETED
@@ -246,7 +292,7 @@ class Tunneler:
                 if not done:  # the first has not connected yet: the next beside it
                     for i in attempts.values():
                         self.monitor.wake(i)
-                    self._attempt(loop, attempts, queue.pop(0))
+                    self._attempt(loop, attempts, queue.pop(0), conn)
                     continue
                 won: tuple[socket.socket, bool | None] | None = None
                 for task in done:
@@ -265,6 +311,7 @@ class Tunneler:
                         continue
                     self.servers.tunnel_ok(i)
                     conn.server, won = server, result
+                    conn.hs = conn.flights.get(i)
                 if won is not None:
                     return won
         finally:
@@ -275,12 +322,62 @@ class Tunneler:
         raise last
 
     def _attempt(
-        self, loop: asyncio.AbstractEventLoop, attempts: dict[asyncio.Task, int], i: int
+        self,
+        loop: asyncio.AbstractEventLoop,
+        attempts: dict[asyncio.Task, int],
+        i: int,
+        conn: _Connection,
     ) -> None:
-        attempts[loop.create_task(self._open(loop, self.servers.servers[i].address))] = i
+        first = self._first_flight(conn, i) if self.config.fast_open else None
+        attempts[loop.create_task(self._open(loop, self.servers.servers[i].address, first))] = i
+
+    def _first_flight(self, conn: _Connection, i: int) -> Callable[[], bytes]:
+        """What makes server `i`'s first flight for `conn` (--fast-open: it goes with the
+        connect); the handshake is kept in `conn.flights`."""
+
+        def make() -> bytes:
+            cfg = self.config
+            psk = self.servers.servers[i].psk
+            hs = ClientHandshake(
+                psk, cfg.cipher, conn.target, cfg.mode, prefix=cfg.prefix, kind=conn.kind
+            )
+            conn.flights[i] = hs
+            return hs.first_flight(conn.early[:MAX_EARLY_DATA])
+
+        return make
+
+    def _pool_target(self) -> Address:
+        """The server the pool connects tunnels to: the one new tunnels try first."""
+        return self.preferred
 
     async def _open(
-        self, loop: asyncio.AbstractEventLoop, server: Address
+        self,
+        loop: asyncio.AbstractEventLoop,
+        server: Address,
+        first: Callable[[], bytes] | None = None,
+    ) -> tuple[socket.socket, bool | None]:
+        """A connected tunnel socket to `server`: a pooled one when there is one (--pool),
+        else a new one; with `first`, its first flight sent (in the SYN with --fast-open)."""
+        pooled = self.pool.take(server) if self.pool is not None else None
+        if pooled is None:
+            return await self._dial(loop, server, first)
+        self._pooled_out.add(pooled[0])
+        if first is not None:
+            try:
+                await loop.sock_sendall(pooled[0], first())
+            except OSError as e:
+                pooled[0].close()
+                raise TunnelError(f"server {server}: {e.strerror}", Status.CONNECT) from None
+            except BaseException:
+                pooled[0].close()
+                raise
+        return pooled
+
+    async def _dial(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        server: Address,
+        first: Callable[[], bytes] | None = None,
     ) -> tuple[socket.socket, bool | None]:
         if server.is_domain:
             try:
@@ -299,9 +396,13 @@ class Tunneler:
             if self.transport.fell_back and not self._warned_fallback:
                 self._warned_fallback = True
                 log.warning("MPTCP unavailable on this kernel: tunnels use plain TCP")
-            error = await _connect_or_close(
-                loop, sock, Address(ip, server.port).sockaddr(), self.config.connect_timeout
-            )
+            sockaddr = Address(ip, server.port).sockaddr()
+            how = None
+            if first is not None:  # --fast-open: the first flight goes with the connect
+                timeout, paths = self.config.connect_timeout, self.fast_open
+                flight = first()
+                how = fastopen.connect(loop, sock, sockaddr, flight, timeout, paths, self.counters)
+            error = await _connect_or_close(loop, sock, sockaddr, self.config.connect_timeout, how)
             if error is not None:
                 last = error
                 continue
@@ -351,6 +452,7 @@ class Tunneler:
         if answered is None:
             return
         hs, rest = answered
+        tunnel = conn.tunnel or tunnel  # --pool: a dead pooled tunnel was replaced
         await self._relay(loop, conn, tunnel, hs, rest, len(early_data))
 
     async def _connect(
@@ -363,6 +465,21 @@ class Tunneler:
         """Connect a tunnel, reading the application's first bytes meanwhile: the tunnel socket,
         whether it is MPTCP (`open`), and the early data. None when it failed (`inner` is done)."""
         inner = conn.inner
+        if self.config.fast_open and wait_for_early_data and len(early_data) < MAX_EARLY_DATA:
+            # The early data rides the SYN, so it is read before connecting: at once when the
+            # application has sent, else after early_data_wait (the server speaks first).
+            now = loop.create_future()
+            now.set_result(None)
+            try:
+                early_data += await _read_early(
+                    loop, inner, now, self.config, MAX_EARLY_DATA - len(early_data)
+                )
+            except OSError as e:
+                log.info("%s %s: client connection failed: %s", conn.cid, conn.source, e.strerror)
+                reset(inner)
+                return None
+            wait_for_early_data = False
+        conn.early = early_data
         connecting = loop.create_task(self._open_any(loop, conn))
         try:
             if wait_for_early_data and len(early_data) < MAX_EARLY_DATA:
@@ -408,15 +525,23 @@ class Tunneler:
         via = {True: "mptcp", False: "tcp-fallback", None: "tcp"}[mptcp]
         cfg = self.config
         psk = conn.server.psk if conn.server is not None else cfg.psk
-        hs = ClientHandshake(psk, cfg.cipher, target, cfg.mode, prefix=cfg.prefix)
+        # --fast-open: the handshake whose first flight went with the connect
+        hs = conn.hs or ClientHandshake(psk, cfg.cipher, target, cfg.mode, prefix=cfg.prefix)
         try:
-            await loop.sock_sendall(tunnel, hs.first_flight(early_data[:MAX_EARLY_DATA]))
+            if conn.hs is None:
+                await loop.sock_sendall(tunnel, hs.first_flight(early_data[:MAX_EARLY_DATA]))
             rest = early_data[MAX_EARLY_DATA:]
             if rest and self.config.mode == WireMode.PLAIN:
                 await loop.sock_sendall(tunnel, rest)  # plain mode: bytes flow as they are
                 rest = b""
             response = await self._read_response(loop, tunnel, hs)
         except (ProtocolError, TunnelError, OSError, TimeoutError) as e:
+            fresh = await self._replace_pooled(loop, conn, tunnel, hs, e)
+            if fresh is not None:
+                conn.tunnel = fresh[0]
+                return await self._handshake(loop, conn, *fresh, early_data)
+            if isinstance(e, TimeoutError) and not hs.received:
+                self.fast_open.unanswered(tunnel, self.counters)  # --fast-open held there
             status = getattr(
                 e, "status", Status.TIMEOUT if isinstance(e, TimeoutError) else Status.CONNECT
             )
@@ -474,6 +599,33 @@ class Tunneler:
             f" via {conn.server.address}" if conn.server and len(self.servers) > 1 else "",
         )
         return hs, rest
+
+    async def _replace_pooled(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: _Connection,
+        tunnel: socket.socket,
+        hs: ClientHandshake,
+        error: Exception,
+    ) -> tuple[socket.socket, bool | None] | None:
+        """A fresh tunnel for one from the pool that the server had dropped unseen (a reset or
+        an end before any answer byte: e.g. the server restarted while it waited unaccepted,
+        which sends the client nothing); None when `tunnel` is no such case or none connects.
+
+        Its first flight reached no server that kept it, so a new one goes on the new tunnel."""
+        if tunnel not in self._pooled_out or hs.received:
+            return None
+        if not isinstance(error, OSError | TunnelError) or isinstance(error, TimeoutError):
+            return None
+        self._pooled_out.discard(tunnel)
+        tunnel.close()
+        self.counters["pool-retried"] += 1
+        conn.hs = None
+        try:
+            server = conn.server.address if conn.server else self.config.server
+            return await self._dial(loop, server)
+        except TunnelError:
+            return None
 
     def _log_failed_handshake(
         self, conn: _Connection, hs: ClientHandshake, e: Exception, status: Status
@@ -536,6 +688,8 @@ class Tunneler:
         finally:
             self.live.pop(cid, None)
         self.counters["relayed"] += 1
+        self.bytes_up += stats.to_tunnel + early_bytes
+        self.bytes_down += stats.from_tunnel
         if not stats.clean and stats.status is not None:
             self.counters[stats.status.value] += 1
         log.log(

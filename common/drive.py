@@ -42,8 +42,25 @@ async def drive(
     async with asyncio.timeout_at(deadline):
         while isinstance(event := machine.next_event(), NeedData):
             # Read exactly what the machine needs: what follows stays in the kernel.
-            data = await loop.sock_recv(sock, machine.bytes_needed())
+            data = await recv_ready(loop, sock, machine.bytes_needed())
             if not data:
                 return None
             machine.receive_data(data)
         return event
+
+
+async def recv_ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    """`loop.sock_recv`, but bytes already queued are taken at once, without the event loop.
+
+    A handshake's answer arrives in one flight and is read in parts (`bytes_needed()`); the
+    loop waits for readiness before every read, and uvloop registers and drops the socket with
+    epoll around each: 9 syscalls and a loop pass per part, measured with strace
+    (docs/design/router-budget.md). MSG_DONTWAIT keeps the try from blocking whatever the
+    socket's mode; a socket with a timeout is left to the loop (Python polls before its read).
+    """
+    if sock.gettimeout() in (0.0, None):
+        try:
+            return sock.recv(n, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            pass
+    return await loop.sock_recv(sock, n)

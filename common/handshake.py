@@ -30,6 +30,7 @@ SALT_LEN = 32
 TYPE_REQUEST = 0x01  # connect to a target (docs/PROTOCOL.md, "The request")
 TYPE_RESPONSE = 0x02
 TYPE_CHECK = 0x03  # health check: answered at once, nothing dialled (docs/PROTOCOL.md, "Checks")
+TYPE_UDP = 0x04  # a UDP association: datagrams framed in the bulk stream (common/datagram.py)
 REQUEST_FIXED_LEN = 1 + 8 + 2  # type, timestamp, length of the variable part
 RESPONSE_FIXED_LEN = 1 + 1 + 2  # type, status, length of the variable part
 MAX_VARIABLE_LEN = 0xFFFF
@@ -121,8 +122,18 @@ class Unsupported:
     timestamp: int
 
 
+@dataclass(frozen=True, slots=True)
+class UdpRequest:
+    """An authenticated UDP association (type 0x04): `early_data` holds whole datagram frames
+    (common/datagram.py); every datagram names its own target."""
+
+    mode: WireMode
+    timestamp: int
+    early_data: bytes
+
+
 # Everything the server's machine hands out once a first flight has authenticated.
-ServerEvent = Request | BadTarget | CheckRequest | Unsupported
+ServerEvent = Request | BadTarget | CheckRequest | Unsupported | UdpRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +329,8 @@ class ServerHandshake(_Machine):
                 request = self._parse_variable(var)
             elif self._type == TYPE_CHECK:
                 request = CheckRequest(self._timestamp)  # its variable part is padding only
+            elif self._type == TYPE_UDP:
+                request = self._parse_udp(var)
             else:
                 request = Unsupported(self._type, self._timestamp)
             try:
@@ -355,6 +368,21 @@ class ServerHandshake(_Machine):
             raise self._fail(ProtocolError("padding longer than the request"))
         return Request(target, mode, self._timestamp, var[pos:])
 
+    def _parse_udp(self, var: bytes) -> UdpRequest:
+        """A UDP association's variable part: mode, padding length, padding, datagram frames."""
+        try:
+            mode = WireMode(var[0]) if var else None
+        except ValueError:
+            mode = None
+        if mode is None:
+            raise self._fail(ProtocolError("unknown wire mode"))
+        if len(var) < 3:
+            raise self._fail(ProtocolError("truncated padding length"))
+        pos = 3 + int.from_bytes(var[1:3], "big")
+        if pos > len(var):
+            raise self._fail(ProtocolError("padding longer than the request"))
+        return UdpRequest(mode, self._timestamp, var[pos:])
+
     def respond(self, status: ConnectStatus) -> bytes:
         """The response to the received request: salt, sealed fixed part, sealed padding."""
         if self._error:
@@ -373,7 +401,7 @@ class ServerHandshake(_Machine):
         )
 
     def bulk_keys(self) -> BulkKeys:
-        if self._state != "responded" or self._type != TYPE_REQUEST:
+        if self._state != "responded" or self._type not in (TYPE_REQUEST, TYPE_UDP):
             raise UsageError("bulk keys exist only after the response")
         return derive_bulk_keys(self._psk, self._cipher, self._salt_c, self._salt_s)
 
@@ -398,7 +426,8 @@ class ClientHandshake(_Machine):
         check_prefix(prefix)
         if not 0 <= kind <= 0xFF or kind == TYPE_RESPONSE:
             raise UsageError(f"{kind:#x} is no request type")
-        self._kind = kind  # TYPE_REQUEST, TYPE_CHECK (target and mode unused), or a newer one
+        # TYPE_REQUEST, TYPE_UDP (target unused), TYPE_CHECK (target and mode unused), or newer
+        self._kind = kind
         self._psk, self._cipher, self._target, self._mode = psk, cipher, target, mode
         self._clock, self._padding, self._urandom = clock, padding, urandom
         self._prefix = prefix  # the first bytes of salt_c (docs/PROTOCOL.md, "Prefix")
@@ -428,6 +457,10 @@ class ClientHandshake(_Machine):
                 + pad.to_bytes(2, "big")
                 + self._urandom(pad)
                 + early_data
+            )
+        elif self._kind == TYPE_UDP:  # targets travel in the frames (common/datagram.py)
+            var = (
+                bytes([int(self._mode)]) + pad.to_bytes(2, "big") + self._urandom(pad) + early_data
             )
         else:  # a check: padding only (docs/PROTOCOL.md, "Checks")
             var = pad.to_bytes(2, "big") + self._urandom(pad) + early_data

@@ -14,13 +14,16 @@ Read with getsockopt on the socket itself (include/uapi/linux/mptcp.h, net/mptcp
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import socket
 import struct
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from mptun.common.sockets import IPPROTO_MPTCP, SOL_MPTCP
+
+if TYPE_CHECKING:
+    import ctypes
 
 MPTCP_INFO = 1
 MPTCP_TCPINFO = 2
@@ -71,6 +74,10 @@ class ConnectionInfo:
 
 
 def _libc() -> ctypes.CDLL:
+    # ctypes only when a connection is read (`mptun status`): an idle router never pays for it
+    # (its module and libffi, ~0.3 MiB of RSS, benchmarks/footprint.py).
+    import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     libc.getsockopt.argtypes = [
         ctypes.c_int,
@@ -84,6 +91,8 @@ def _libc() -> ctypes.CDLL:
 
 def _getsockopt(fd: int, level: int, opt: int, buf: ctypes.Array) -> int:
     """getsockopt with a caller-filled buffer; returns the length the kernel wrote."""
+    import ctypes
+
     libc = _libc()
     length = ctypes.c_uint32(ctypes.sizeof(buf))
     if libc.getsockopt(fd, level, opt, ctypes.addressof(buf), ctypes.byref(length)) != 0:
@@ -156,6 +165,8 @@ def _mptcp_numbers(info: ConnectionInfo, mi: bytes) -> None:
 
 
 def _full_info(sock: socket.socket) -> ConnectionInfo:
+    import ctypes
+
     sf = (ctypes.c_char * (SFINFO_SIZE * MAX_SUBFLOWS))()
     ti = (ctypes.c_char * (TCP_INFO_SIZE * MAX_SUBFLOWS))()
     req = (ctypes.c_char * (FULL_INFO_HEAD.size + MPTCP_INFO_SIZE))()
@@ -182,6 +193,8 @@ def _full_info(sock: socket.socket) -> ConnectionInfo:
 
 
 def _subflow_array(sock: socket.socket, opt: int, size: int) -> list[bytes]:
+    import ctypes
+
     buf = (ctypes.c_char * (SFDATA_SIZE + size * MAX_SUBFLOWS))()
     struct.pack_into("=4I", buf, 0, SFDATA_SIZE, 0, 0, size)
     _getsockopt(sock.fileno(), SOL_MPTCP, opt, buf)

@@ -17,6 +17,12 @@ Kernel facts used here:
 - nftables `tproxy` delivers a connection to a socket bound with IP_TRANSPARENT (IPv4, 19) or
   IPV6_TRANSPARENT (75); its local address is the original destination. Setting either needs
   CAP_NET_ADMIN (or CAP_NET_RAW) (net/ipv4/ip_sockglue.c).
+- UDP has no SO_ORIGINAL_DST: a datagram nftables `tproxy` hands to a socket with
+  IP_RECVORIGDSTADDR (20, include/uapi/linux/in.h) or IPV6_RECVORIGDSTADDR (74,
+  include/uapi/linux/in6.h) set carries its original destination in a control message of the
+  same type (IP_ORIGDSTADDR, IPV6_ORIGDSTADDR: a sockaddr_in / sockaddr_in6). An IPv4 datagram
+  on a dual-stack IPv6 socket gets the SOL_IP form, which the IPv6 socket takes through
+  setsockopt(SOL_IP) (udpv6_recvmsg, net/ipv6/udp.c). Python 3.11 names none of the three.
 """
 
 from __future__ import annotations
@@ -34,10 +40,17 @@ IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
 SOL_MPTCP = 284
 MPTCP_INFO = 1
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+# Python 3.11 lacks it: 30 in include/uapi/linux/tcp.h (a connect() that sends its SYN with the
+# first write, carrying that write when a Fast Open cookie is cached; MPTCP from Linux 6.1)
+TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
-IPV6_TRANSPARENT = 75
+IPV6_TRANSPARENT = 75  # include/uapi/linux/in6.h
+IP_RECVORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)  # include/uapi/linux/in.h
+IP_ORIGDSTADDR = IP_RECVORIGDSTADDR
+IPV6_RECVORIGDSTADDR = 74  # include/uapi/linux/in6.h
+IPV6_ORIGDSTADDR = IPV6_RECVORIGDSTADDR
 _SOCKADDR_IN_LEN = 16
 _SOCKADDR_IN6_LEN = 28
 

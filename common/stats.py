@@ -7,7 +7,6 @@ line. `seq` grows by one per dump, so a reader that sent SIGUSR1 waits for a lar
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -30,6 +29,8 @@ class StatsDump:
         self.seq += 1
         data: dict[str, Any] = {"seq": self.seq, "pid": os.getpid(), "time": time.time()}
         data.update(self.snapshot())
+        import json  # at the first dump (at stop, or on a signal): an idle service never loads it
+
         text = json.dumps(data, sort_keys=True)
         log.info("stats: %s", text)
         if self.path is None:
@@ -47,6 +48,8 @@ class StatsDump:
 
 def read_stats(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The last dump in `path`, or None when there is none yet."""
+    import json
+
     try:
         return json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError):

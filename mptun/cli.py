@@ -66,7 +66,16 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in LAZY_COMMANDS and cmd_name not in self.commands:
             module, attr = LAZY_COMMANDS[cmd_name].split(":")
-            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+            try:
+                loaded = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if not (e.name or "").startswith("mptun"):
+                    raise
+                # The OpenWrt package leaves the server, the bench, the lab and the demo out.
+                raise click.ClickException(
+                    f"`mptun {cmd_name}` is not part of this installation ({e.name} is left out)"
+                ) from None
+            self.add_command(getattr(loaded, attr), cmd_name)
         return super().get_command(ctx, cmd_name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mptun.common.address import Address
 from mptun.common.crypto import DEFAULT_CIPHER, cipher_by_name
@@ -17,7 +18,11 @@ from mptun.common.replay import DEFAULT_CAPACITY, DEFAULT_WINDOW
 from mptun.server.admission import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE
 from mptun.server.policy import TargetPolicy, parse_cidrs
 from mptun.server.resolver import MAX_NAMESERVERS
-from mptun.server.service import ServerConfig
+from mptun.server.service import Server, ServerConfig
+from mptun.server.udp import DEFAULT_IDLE_TIMEOUT, Filter
+
+if TYPE_CHECKING:
+    from mptun.common.metrics_http import MetricsServer
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,10 @@ class ServerSettings:
     stats_file: str | None = None
     drain_timeout: float = 10.0  # on SIGTERM
     log_connections: bool = False  # each connection's lines at info, not debug
+    metrics: Address | None = None  # --metrics: Prometheus page (common/metrics_http.py)
+    metrics_public: bool = False  # --metrics-public: a non-loopback --metrics address too
+    udp_filter: Filter = Filter.ENDPOINT  # who may answer a UDP association (--udp-filter)
+    udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # seconds a UDP association may be idle
 
 
 def server_config(s: ServerSettings) -> ServerConfig:
@@ -66,6 +75,8 @@ def server_config(s: ServerSettings) -> ServerConfig:
         max_handshakes_per_source=s.max_handshakes_per_source,
         nameservers=nameservers(s.nameserver),
         log_connections=s.log_connections,
+        udp_filter=s.udp_filter,
+        udp_idle_timeout=s.udp_idle_timeout,
     )
 
 
@@ -74,3 +85,23 @@ def nameservers(servers: tuple[Address, ...]) -> tuple[Address, ...]:
     if len(servers) > MAX_NAMESERVERS:
         raise ConfigError(f"nameserver: at most {MAX_NAMESERVERS}, got {len(servers)}")
     return servers
+
+
+def build_metrics(s: ServerSettings, srv: Server) -> MetricsServer | None:
+    """The `--metrics` endpoint of `srv` (None without); ConfigError for a public address
+    without --metrics-public."""
+    if s.metrics is None:
+        return None
+    # Here, not at the top: a server without --metrics never loads the endpoint.
+    from mptun.common.metrics_http import MetricsServer, check_metrics_bind
+    from mptun.server.metrics import server_metrics
+
+    check_metrics_bind(s.metrics, s.metrics_public)
+    return MetricsServer(s.metrics, server_metrics(srv), "server")
+
+
+def metrics_restart(old: ServerSettings, new: ServerSettings) -> list[str]:
+    """The metrics options a reload found changed: they need a restart (the endpoint stays)."""
+    if (old.metrics, old.metrics_public) == (new.metrics, new.metrics_public):
+        return []
+    return ["metrics"]

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from mptun.common.address import Address, format_sockaddr
 from mptun.common.crypto import CipherSpec
+from mptun.common.drive import recv_ready
 from mptun.common.errors import ConfigError, ProtocolError, Status
+from mptun.common.fastopen import enable_listener
 from mptun.common.handshake import (
     CHECK_TARGET,
     BadTarget,
@@ -25,6 +27,7 @@ from mptun.common.handshake import (
     Request,
     ServerEvent,
     ServerHandshake,
+    UdpRequest,
     Unsupported,
     WireMode,
 )
@@ -60,6 +63,7 @@ from mptun.server.admission import (
 )
 from mptun.server.policy import TargetPolicy
 from mptun.server.resolver import ResolveError, Resolver
+from mptun.server.udp import DEFAULT_IDLE_TIMEOUT, Filter, UdpHub, close_all
 
 log = logging.getLogger("mptun.server")
 # The accept queue: under a flood, evicted connections come back through it, and a legitimate one
@@ -99,6 +103,8 @@ class ServerConfig:
     replay_file: Path | None = None  # the salt cache is saved here on stop, loaded on start
     nameservers: tuple[Address, ...] = ()  # DNS servers for targets; () = /etc/resolv.conf's
     log_connections: bool = False  # connected/closed lines at info (--log-connections), else debug
+    udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # a UDP mapping's idle timeout (server/udp.py)
+    udp_filter: Filter = Filter.ENDPOINT  # who may answer a UDP mapping (--udp-filter)
 
 
 # What a reload may change while connections stay open; the rest needs a restart.
@@ -115,6 +121,8 @@ _RELOADABLE = (
     "user_timeout",
     "nameservers",
     "log_connections",
+    "udp_idle_timeout",
+    "udp_filter",
 )
 
 
@@ -144,6 +152,10 @@ class Server:
             config.replay_window, config.replay_capacity, not_before=math.floor(self.started)
         )
         self.counters: Counter[str] = Counter()
+        # Bytes of the tunnels that have ended (--metrics): up client -> target, down back.
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.relaying = 0  # tunnels relaying now
         self._ids = 0
         self._accept: AcceptLoop | None = None
         self._gate = HandshakeGate(
@@ -160,6 +172,14 @@ class Server:
         self.address: Address | None = None
         self.mptcp = False
         self.resolver = Resolver()  # on the loop: a name that never resolves blocks no other
+        self.udp = UdpHub(
+            lambda: self.config.policy,
+            self.resolver,
+            self.counters,
+            config.udp_idle_timeout,
+            config.udp_filter,
+            nameservers=lambda: self.config.nameservers,
+        )
 
     def start(self, loop: asyncio.AbstractEventLoop) -> Address:
         """Bind and listen; raise ConfigError with a one-line reason if that fails."""
@@ -187,6 +207,11 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
         except OSError as e:
             log.info("TCP_DEFER_ACCEPT refused on the listener: %s", e.strerror)
+        # Clients' --fast-open: a first flight in the SYN is accepted with it already readable;
+        # it goes through the same handshake, replay cache and absorption as any other.
+        why = enable_listener(sock)
+        if why is not None:
+            log.info("TCP Fast Open not offered: %s", why)
         if self.transport.fell_back:
             log.warning("MPTCP unavailable on this kernel: listening with plain TCP")
         host, port = sock.getsockname()[:2]
@@ -226,6 +251,7 @@ class Server:
             "role": "server",
             "counters": dict(sorted(self.counters.items())),
             "active": self.active,
+            "udp_associations": len(self.udp),
             "limit_pauses": self._accept.pauses if self._accept else 0,
             "accept_errors": self._accept.accept_errors if self._accept else 0,
             "replay": {
@@ -272,8 +298,9 @@ class Server:
         except OSError as e:
             self._busy_log("high-water mark %s: %s", self._hwm.path, e.strerror)
 
-    def reload(self, config: ServerConfig) -> None:
-        """Apply a new configuration to new connections; open ones and the salt cache stay."""
+    def reload(self, config: ServerConfig, restart: tuple[str, ...] = ()) -> None:
+        """Apply a new configuration to new connections; open ones and the salt cache stay.
+        `restart`: settings outside the config that changed and need a restart (for the log)."""
         changed = [name for name in _RELOADABLE if _differs(name, config, self.config)]
         kept = [
             name
@@ -288,8 +315,10 @@ class Server:
             )
             if getattr(config, name) != getattr(self.config, name)
         ]
+        kept += restart
         for name in changed:
             setattr(self.config, name, getattr(config, name))
+        self.udp.idle_timeout, self.udp.filter = config.udp_idle_timeout, config.udp_filter
         if config.replay_window != self.replay.window:
             self.replay.set_window(config.replay_window)
         self.counters["reload"] += 1
@@ -304,6 +333,7 @@ class Server:
         if self._accept is None:
             return 0
         self._accept.close()
+        close_all(self.udp)  # a UDP association has no end of its own to wait for
         left = await self._accept.drain(drain_timeout)
         if self.config.replay_file is not None:
             try:
@@ -391,7 +421,8 @@ class Server:
         try:
             async with asyncio.timeout_at(deadline):
                 while True:
-                    data = await loop.sock_recv(sock, 65536 if failed else hs.bytes_needed())
+                    # queued with the accept, as a rule (DEFER_ACCEPT): read at once
+                    data = await recv_ready(loop, sock, 65536 if failed else hs.bytes_needed())
                     if not data:
                         break
                     if failed:
@@ -449,6 +480,9 @@ class Server:
     ) -> None:
         if isinstance(request, CheckRequest | Unsupported):
             await self._answer_at_once(loop, cid, tunnel, peer, hs, request, view)
+            return
+        if isinstance(request, UdpRequest):
+            await self._serve_udp(loop, cid, tunnel, peer, hs, request, view)
             return
         mptcp = is_mptcp(tunnel)
         via = {True: "mptcp", False: "tcp-fallback", None: "tcp"}[mptcp]
@@ -527,10 +561,16 @@ class Server:
         session = PLAIN
         if request.mode == WireMode.ENCRYPTED:
             session = Session(WireMode.ENCRYPTED, Side.SERVER, self.config.cipher, hs.bulk_keys())
-        stats = await self.config.engine.relay(
-            loop, target, tunnel, idle_timeout=self.config.idle_timeout, session=session
-        )
+        self.relaying += 1
+        try:
+            stats = await self.config.engine.relay(
+                loop, target, tunnel, idle_timeout=self.config.idle_timeout, session=session
+            )
+        finally:
+            self.relaying -= 1
         self.counters["relayed"] += 1
+        self.bytes_up += stats.from_tunnel + len(request.early_data)
+        self.bytes_down += stats.to_tunnel
         if not stats.clean:
             self._count(stats.status or Status.RELAY)
         log.log(
@@ -582,6 +622,46 @@ class Server:
         line = ("%s check from %s: authenticated (key, cipher, clock OK)", cid, peer)
         if not self._check_log(*line):
             log.debug(*line)
+
+    async def _serve_udp(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        cid: str,
+        tunnel: socket.socket,
+        peer: str,
+        hs: ServerHandshake,
+        request: UdpRequest,
+        view: SourceView,
+    ) -> None:
+        """A UDP association (server/udp.py): answered at once, no target to dial; each
+        datagram is judged by the target policy on its own."""
+        if view.busy:
+            status = ConnectStatus.SERVER_FULL
+        elif request.mode == WireMode.PLAIN and not self.config.accept_plain:
+            status = ConnectStatus.MODE_REFUSED
+        else:
+            status = ConnectStatus.SUCCEEDED
+        try:
+            await loop.sock_sendall(tunnel, hs.respond(status))
+        except OSError as e:
+            log.info("%s %s udp: tunnel lost before the response: %s", cid, peer, e.strerror)
+            tunnel.close()
+            return
+        if status != ConnectStatus.SUCCEEDED:
+            self._count(Status.BUSY if view.busy else Status.POLICY)
+            (self._busy_log if view.busy else self._refuse_log)(
+                "%s %s udp: %s", cid, peer, status.name.lower().replace("_", " ")
+            )
+            tunnel.close()
+            return
+        log.log(
+            connection_level(self.config.log_connections), "%s %s udp: association open", cid, peer
+        )
+        self._tune_tunnel(tunnel)
+        session = PLAIN
+        if request.mode == WireMode.ENCRYPTED:
+            session = Session(WireMode.ENCRYPTED, Side.SERVER, self.config.cipher, hs.bulk_keys())
+        await self.udp.serve(loop, cid, tunnel, peer, view.source, session, request.early_data)
 
     def _tune_tunnel(self, sock: socket.socket) -> None:
         tune_leg(sock)

@@ -30,6 +30,8 @@ BUILTIN = {"help", "version"}
 STRING_SAMPLES = {
     "allow-target": "192.0.2.0/24",
     "bypass": "192.0.2.0/24",
+    "bypass-source": "192.0.2.9",
+    "bypass-udp-port": "3074",
     "lan": "eth9",
     "server": "192.0.2.1",
     "gateway": "eth9=192.0.2.1",
@@ -37,11 +39,15 @@ STRING_SAMPLES = {
     "table": "t1",
     "cases": "route",
     "rates": "50,50",
+    "quotas": "10,20",
     "control": "@mptun-contract-test",
+    "uplink-hook": "/bin/true x1",
 }
 OTHER_SAMPLES = {
     "allow-target": "198.51.100.0/24",
     "bypass": "198.51.100.0/24",
+    "bypass-source": "192.0.2.10/31",
+    "bypass-udp-port": "3478-3480",
     "lan": "eth8",
     "server": "192.0.2.2",
     "gateway": "eth9=192.0.2.2",
@@ -49,7 +55,9 @@ OTHER_SAMPLES = {
     "table": "t2",
     "cases": "splice-tcp",
     "rates": "40,40",
+    "quotas": "15,30",
     "control": "@mptun-contract-test2",
+    "uplink-hook": "/bin/false x2",
 }
 
 

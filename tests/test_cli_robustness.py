@@ -173,6 +173,8 @@ def options(command: str) -> list[click.Option]:
 STRING_BAD = {
     "allow-target": ["nonsense", "", "10.0.0.0/33"],
     "bypass": ["nonsense", ""],
+    "bypass-source": ["nonsense", ""],
+    "bypass-udp-port": ["", "0", "70000", "9-3", "x"],
     "lan": ["", 'br"lan', "x" * 40],
     "server": ["", "not a host!", "192.0.2.1:99999"],
     "gateway": ["bad", "lo=notanip"],
@@ -180,7 +182,9 @@ STRING_BAD = {
     "table": ["", "a b; flush ruleset"],
     "cases": ["nope"],
     "rates": ["abc", "0", "1,2,3,4", "nan"],
+    "quotas": ["abc", "5", "101", "nan", "", "10,,20"],
     "prefix": ["x" * 17, "\\q", "\\x1", "\\", "\u00e9"],
+    "uplink-hook": ["", "/no/such/program wan", "'unclosed"],
 }
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import mptun
-from tests.helpers import ROOT
+from tests.helpers import ROOT, need
 
 MAKEFILE = ROOT / "openwrt" / "net" / "mptun" / "Makefile"
 
@@ -80,6 +80,21 @@ def makefile_var(text: str, name: str) -> str:
     return m.group(1).replace("\\\n", " ")
 
 
+def makefile_version(text: str) -> str:
+    """PKG_VERSION as make computes it, with MPTUN_SRC this checkout."""
+    need("make")
+    line = next(ln for ln in text.splitlines() if ln.startswith("PKG_VERSION:="))
+    r = subprocess.run(
+        ["make", "-s", "-f", "-", f"MPTUN_SRC={ROOT}"],
+        input=f"{line}\nall:\n\t@echo '[$(PKG_VERSION)]'\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().removeprefix("[").removesuffix("]")
+
+
 def depends() -> set[str]:
     block = re.search(r"define Package/mptun\n(.*?)endef", MAKEFILE.read_text(), re.S)
     assert block
@@ -112,7 +127,9 @@ def test_builds_from_this_checkout() -> None:
     assert "PKG_HASH:=skip" not in text and "PYPI_NAME" not in text and "pypi.mk" not in text
     # nothing downloaded: Build/Prepare copies the checkout
     assert not re.search(r"^PKG_SOURCE", text, re.M)
-    assert makefile_var(text, "PKG_VERSION") == mptun.__version__
+    # the version has one home: PKG_VERSION reads it from mptun/__init__.py
+    assert mptun.__version__ not in text
+    assert makefile_version(text) == mptun.__version__
     # MPTUN_SRC, three folders up from openwrt/net/mptun, is this checkout
     assert (MAKEFILE.parent / "../../..").resolve() == ROOT.resolve()
     copied = re.search(r"define Build/Prepare\n(.*?)endef", text, re.S)

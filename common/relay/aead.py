@@ -10,8 +10,9 @@ Where the bytes go, per read:
 - tunnel -> inner: one `recv_into` reads as many records as fit; `Opener.open_records` opens
   every whole record into the output buffer (`decrypt_into`); a trailing partial record is
   moved to the front.
-Python does a handful of operations per 16 KiB record and none per byte. Buffers are allocated
-when a direction starts moving bytes and freed when it goes idle.
+Python does a handful of operations per 16 KiB record and none per byte. Buffers are taken
+when a direction starts moving bytes and given back when it goes idle, to the engine's
+`BufferPool`, which keeps a few for the next connection (common/relay/buffers.py).
 
 An end of the inner leg becomes a sealed close_notify, then FIN; a tunnel that ends without one,
 or any record that fails, aborts the relay, which resets both legs.
@@ -34,7 +35,7 @@ from mptun.common.records import (
 )
 from mptun.common.relay.base import Pump, Relay
 from mptun.common.relay.batching import Coalescing
-from mptun.common.relay.buffers import free_buffers, stage_buffer
+from mptun.common.relay.buffers import BufferPool
 from mptun.common.relay.engine import PumpEngine
 from mptun.common.relay.session import Session
 
@@ -61,9 +62,11 @@ class BufferPump(Pump):
 class SealPump(BufferPump):
     """Plaintext from src, records to dst."""
 
-    def __init__(self, relay: Relay, src, dst, name: str, sealer: Sealer, slots: int) -> None:
+    def __init__(
+        self, relay: Relay, src, dst, name: str, sealer: Sealer, slots: int, pool: BufferPool
+    ) -> None:
         super().__init__(relay, src, dst, name)
-        self.sealer = sealer
+        self.sealer, self.pool = sealer, pool
         self.slot = MAX_PLAINTEXT + 1
         self.max_slots = slots
         self.slots = min(START_SLOTS, slots)  # the buffers' size now, in records
@@ -75,14 +78,14 @@ class SealPump(BufferPump):
 
     def _alloc(self) -> None:
         slots = self.slots
-        self.inbuf = stage_buffer(self.slot * slots)
+        self.inbuf = self.pool.take(self.slot * slots)
         self.inview = memoryview(self.inbuf)
         for i in range(slots):
             self.inbuf[i * self.slot + MAX_PLAINTEXT] = CONTENT_APPLICATION_DATA
         starts = range(0, self.slot * slots, self.slot)
         self.iov = [self.inview[b : b + MAX_PLAINTEXT] for b in starts]
         self.inners = [self.inview[b : b + self.slot] for b in starts]
-        self.outbuf = stage_buffer(FULL_RECORD * slots)
+        self.outbuf = self.pool.take(FULL_RECORD * slots)
         self.outview = memoryview(self.outbuf)
         records = range(0, FULL_RECORD * slots, FULL_RECORD)
         for r in records:
@@ -148,15 +151,17 @@ class SealPump(BufferPump):
             views.clear()
         self.inview.release()
         self.outview.release()
-        free_buffers(self.inbuf, self.outbuf)
+        self.pool.give(self.inbuf, self.outbuf)
 
 
 class OpenPump(BufferPump):
     """Records from src, plaintext to dst."""
 
-    def __init__(self, relay: Relay, src, dst, name: str, opener: Opener, size: int) -> None:
+    def __init__(
+        self, relay: Relay, src, dst, name: str, opener: Opener, size: int, pool: BufferPool
+    ) -> None:
         super().__init__(relay, src, dst, name)
-        self.opener = opener
+        self.opener, self.pool = opener, pool
         self.max_size = size + MAX_RECORD  # a carried partial record + one read
         self.start_size = min(START_SLOTS * MAX_PLAINTEXT, size) + MAX_RECORD
         self.size = self.start_size  # the buffers' size now
@@ -166,9 +171,9 @@ class OpenPump(BufferPump):
         self.head = self.end = 0
 
     def _alloc(self) -> None:
-        self.inbuf = stage_buffer(self.size)
+        self.inbuf = self.pool.take(self.size)
         self.inview = memoryview(self.inbuf)
-        self.outbuf = stage_buffer(self.size)  # plaintext is always shorter than its records
+        self.outbuf = self.pool.take(self.size)  # plaintext is always shorter than its records
         self.outview = memoryview(self.outbuf)
         self.allocated = True
 
@@ -219,7 +224,7 @@ class OpenPump(BufferPump):
         self.allocated = False
         self.inview.release()
         self.outview.release()
-        free_buffers(self.inbuf, self.outbuf)
+        self.pool.give(self.inbuf, self.outbuf)
 
 
 class AeadEngine(PumpEngine):
@@ -236,12 +241,15 @@ class AeadEngine(PumpEngine):
         super().__init__(coalescing)
         self.slots = slots
         self.record_limit = record_limit  # None: the cipher's limit (tests lower it)
+        self.buffers = BufferPool()  # every relay's stage buffers, a few kept for the next
 
     def make_pumps(
         self, relay: Relay, inner: socket.socket, tunnel: socket.socket, session: Session
     ) -> tuple[Pump, Pump]:
         sealer, opener = session.sealer(self.record_limit), session.opener()  # or UsageError
         return (
-            SealPump(relay, inner, tunnel, "inner", sealer, self.slots),
-            OpenPump(relay, tunnel, inner, "tunnel", opener, self.slots * MAX_PLAINTEXT),
+            SealPump(relay, inner, tunnel, "inner", sealer, self.slots, self.buffers),
+            OpenPump(
+                relay, tunnel, inner, "tunnel", opener, self.slots * MAX_PLAINTEXT, self.buffers
+            ),
         )

@@ -12,12 +12,33 @@ from pathlib import Path
 
 import click
 
-from mptun.bench import report
+from mptun.bench import budget, report, udp
 from mptun.bench.cases import all_cases
+from mptun.bench.cpuquota import parse_percentages
 from mptun.bench.env import BenchError, open_environment
 from mptun.bench.runner import Progress, Runner, Settings, loadavg
 from mptun.commands.options import Number, OutputFile, option
 from mptun.common.errors import ConfigError, MptunError
+
+STUDY_LABELS = {
+    "budget": "router CPU budget: Mbit/s per CPU quota of the router-side relay",
+    "pages": "page loads: 41 objects over fresh connections, SOCKS/redirect/routing",
+    udp.STUDY: udp.LABEL,
+}
+
+
+class Quotas(click.ParamType):
+    """Comma-separated CPU quotas in % of one core (10-100: a 10 ms period)."""
+
+    name = "quotas"
+
+    def convert(self, value, param, ctx) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_percentages(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 @click.command()
@@ -92,6 +113,13 @@ from mptun.common.errors import ConfigError, MptunError
     help="Uplinks of the namespace test bed (MPTCP joins a subflow on each); 1: a single path. "
     "Shaped links need all 3.",
 )
+@option(
+    "quotas",
+    type=Quotas(),
+    default="10,15,20,30,40",
+    help="CPU quotas (% of one core, 10 ms period) of the router-side relay for the `budget` "
+    "case; `pages` runs without a quota and at the smallest.",
+)
 @option("list", "--list", "list_cases", is_flag=True, help="List the cases and exit.")
 def bench(
     mode,
@@ -105,6 +133,7 @@ def bench(
     quick,
     json_path,
     chart_path,
+    quotas,
     list_cases,
 ) -> None:
     """Measure mptun against kernel routing and shadowsocks-libev (takes minutes)."""
@@ -112,14 +141,19 @@ def bench(
     if list_cases:
         for c in cases:
             click.echo(f"{c.id:22} {c.label}" + (f"  (skipped: {c.skip})" if c.skip else ""))
+        for sid, label in STUDY_LABELS.items():
+            why = udp.skip_reason() if sid == udp.STUDY else budget.skip_reason(sid)
+            click.echo(f"{sid:22} {label}" + (f"  (skipped: {why})" if why else ""))
         return
+    studies = [*budget.STUDIES, udp.STUDY]
     if case_ids:
         wanted = [x.strip() for x in case_ids.split(",") if x.strip()]
-        known = {c.id for c in cases}
+        known = {c.id for c in cases} | set(studies)
         bad = [x for x in wanted if x not in known]
         if bad:
             raise ConfigError(f"unknown case {bad[0]!r} (known: {', '.join(sorted(known))})")
         cases = [c for c in cases if c.id in wanted]
+        studies = [x for x in studies if x in wanted]
     if quick:
         seconds, runs = 1.0, 1
         idle_connections = min(idle_connections, 50)
@@ -142,6 +176,16 @@ def bench(
         environment = open_environment(mode, uplinks)
     except BenchError as e:
         raise MptunError(str(e)) from None
+    for sid in list(studies):
+        gw = environment.gateway
+        why = (
+            udp.skip_reason(gw, uplinks)
+            if sid == udp.STUDY
+            else budget.skip_reason(sid, gw, uplinks)
+        )
+        if why:
+            click.echo(f"skipping {sid}: {why}", err=True)
+            studies.remove(sid)
     if not environment.gateway:
         for c in cases:
             if c.generator == "iperf3" and not c.skip:
@@ -163,7 +207,21 @@ def bench(
             if connrate_seconds <= 0 or idle_connections <= 0:
                 runner.skip_extras(connrate=connrate_seconds <= 0, idle=idle_connections <= 0)
             click.echo(f"mptun bench: {environment.describe()}", err=True)
-            results = runner.run(Progress(runner.steps()))
+            if runner.cases or not studies:
+                results = runner.run(Progress(runner.steps()))
+            else:
+                results = runner.results
+            own = tuple(x for x in studies if x in budget.STUDIES)
+            if own:
+                study = budget.Study(
+                    environment,
+                    budget.StudySettings(own, quotas, seconds, runs, 1 if quick else 3),
+                    Path(tmp),
+                )
+                results.update(study.run(Progress(study.steps())))
+            if udp.STUDY in studies:
+                u = udp.UdpStudy(environment, udp.UdpSettings(seconds, runs), Path(tmp))
+                results.update(u.run(Progress(u.steps())))
         except BenchError as e:
             raise MptunError(f"bench: {e} (relay logs were in {tmp})") from None
         finally:
@@ -182,11 +240,31 @@ def bench(
         "shaped_mbit": list(environment.shaped_rates or []),
         "cases": [{"id": c.id, "label": c.label, "skip": c.skip} for c in all_cases()],
     }
-    checks = report.targets(rows, results) + report.gateway_targets(rows)
-    click.echo(report.table(rows, cases, results, meta))
+    budget_rows = budget.summarize_budget(results.get("budget", []))
+    page_rows = budget.summarize_pages(results.get("pages", []))
+    udp_rows = udp.summarize_udp(results.get("udp", []))
+    checks = []
+    if rows or not studies:
+        checks = report.targets(rows, results) + report.gateway_targets(rows)
+    if "budget" in studies:
+        checks += budget.budget_targets(budget_rows, budget.link_sum())
+    if "pages" in studies:
+        checks += budget.page_targets(page_rows)
+    if udp.STUDY in studies:
+        checks += udp.udp_targets(udp_rows)
+    meta["quotas"] = list(quotas)
+    if rows or not studies:
+        click.echo(report.table(rows, cases, results, meta))
     gateway = report.gateway_table(rows, cases)
     if gateway:
         click.echo(gateway)
+    for text in (
+        budget.budget_table(budget_rows, results.get("budget_meta", {})),
+        budget.pages_table(page_rows),
+        udp.udp_table(udp_rows, results.get("udp_meta", {})),
+    ):
+        if text:
+            click.echo(text)
     click.echo(report.format_targets(checks))
     ctx = report.context(rows)
     if ctx:
@@ -196,6 +274,9 @@ def bench(
             {
                 "meta": meta,
                 "summary": rows,
+                "budget_summary": budget_rows,
+                "pages_summary": page_rows,
+                "udp_summary": udp_rows,
                 "targets": [{"what": w, "held": ok, "detail": d} for w, ok, d in checks],
                 "context": ctx,
                 **results,
@@ -204,7 +285,12 @@ def bench(
         )
     )
     click.echo(f"\njson: {json_path}")
-    click.echo(report.chart(rows, cases, Path(chart_path)))
+    if rows or not studies:
+        click.echo(report.chart(rows, cases, Path(chart_path)))
+    if budget_rows or page_rows:
+        out = Path(chart_path)
+        out = out.with_name(f"{out.stem}-budget{out.suffix or '.png'}")
+        click.echo(budget.chart(budget_rows, page_rows, results.get("budget_meta", {}), out))
 
 
 def _interrupted(signum: int, frame: object) -> None:

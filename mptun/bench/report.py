@@ -327,6 +327,8 @@ def chart(rows: list[dict], cases: list[Case], path: Path) -> str:
     except ImportError:
         return "chart skipped: matplotlib is not installed (pip install 'mptun[chart]')"
     links = sorted({r["link"] for r in rows}, key=lambda link: link != "raw")
+    if not links:  # every case skipped: matplotlib refuses a figure of no columns
+        return "chart skipped: nothing measured"
     ids = [c.id for c in cases if any(r["case"] == c.id for r in rows)]
     fig, axes = plt.subplots(2, len(links), figsize=(6 * len(links), 8), squeeze=False)
     for col, link in enumerate(links):

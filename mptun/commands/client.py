@@ -8,10 +8,16 @@ from dataclasses import replace
 
 import click
 
-from mptun.client.app import ClientSettings, DnsSettings, build_client, build_tunneler
+from mptun.client.app import (
+    DEFAULT_RATE_LIMIT,
+    ClientSettings,
+    DnsSettings,
+    build_client,
+    build_tunneler,
+)
 from mptun.client.control import wrap_service
-from mptun.client.dns import DEFAULT_RATE_LIMIT
 from mptun.client.health import DEFAULT_HEALTH_FILE, HealthSettings
+from mptun.client.pool import MAX_POOL
 from mptun.client.servers import Policy, Server, WhenDown
 from mptun.client.socks import ReplyPolicy, socks_credentials
 from mptun.commands.options import (
@@ -19,6 +25,7 @@ from mptun.commands.options import (
     FlightPrefix,
     ForwardPair,
     HostPort,
+    ProgramLine,
     ReloadableCommand,
     ServerSpec,
     Text,
@@ -32,6 +39,7 @@ from mptun.commands.options import (
     key_options,
     log_connections_option,
     max_connections_option,
+    metrics_options,
     option,
     relay_option,
     relay_settings,
@@ -125,6 +133,13 @@ log = logging.getLogger("mptun.client")
     "needs CAP_NET_ADMIN.",
 )
 @option(
+    "tproxy-udp",
+    type=HostPort(ip_only=True),
+    help="Take the LAN's UDP that nftables `tproxy` hands here (see `mptun nft --udp-port`) "
+    "through the tunnel, replies sent back from the address they came from; needs "
+    "CAP_NET_ADMIN.",
+)
+@option(
     "forward",
     type=ForwardPair(),
     multiple=True,
@@ -181,6 +196,20 @@ log = logging.getLogger("mptun.client")
     "'\\x16\\x03\\x01' or 'POST /') so it looks less like random bytes to classifiers that "
     "block fully encrypted traffic. The server needs no setting (docs/PROTOCOL.md).",
 )
+@option(
+    "fast-open",
+    is_flag=True,
+    default=False,
+    help="TCP Fast Open: once the kernel holds the server's cookie, the first flight rides the "
+    "SYN (one round trip less); the server needs net.ipv4.tcp_fastopen=3 and Linux 6.2.",
+)
+@option(
+    "pool",
+    type=click.IntRange(0, MAX_POOL),
+    default=0,
+    help="Keep up to N tunnels connected ahead to the server, while in use (one round trip "
+    "less; each is replaced every 8 s, docs/PROBING.md); 0: none.",
+)
 @timeout_option("connect-timeout", 10.0, "Seconds to connect to the server.")
 @timeout_option(
     "handshake-timeout", 15.0, "Seconds for the server's answer (includes its connect)."
@@ -192,6 +221,25 @@ log = logging.getLogger("mptun.client")
     type=click.IntRange(1, MAX_CONNECTIONS),
     default=256,
     help="Concurrent SOCKS connections one LAN address may hold; more are reset (and counted).",
+)
+@option(
+    "udp-per-host",
+    type=click.IntRange(1, 65535),
+    default=256,
+    help="UDP associations (one per source port) one LAN host may have; datagrams from more "
+    "source ports are dropped (and counted).",
+)
+@option(
+    "udp-max",
+    type=click.IntRange(1, 65535),
+    default=2048,
+    help="UDP associations in all; datagrams from more sources are dropped (and counted).",
+)
+@option(
+    "udp-idle-timeout",
+    type=seconds(min=1.0),
+    default=300.0,
+    help="Seconds a UDP association may stay idle before it ends (its tunnel closes).",
 )
 @option(
     "uplink",
@@ -237,6 +285,13 @@ log = logging.getLogger("mptun.client")
     help="Seconds a degraded uplink must look good before it is up again (no flapping).",
 )
 @option(
+    "uplink-hook",
+    type=ProgramLine(),
+    help="Run this program (no shell; 'PROGRAM ARGS...') with IFACE STATE added at each uplink "
+    "health change (up, degraded, dead, mptcp-broken); it then owns the endpoints, not `mptun "
+    "uplinks` (the OpenWrt service's shell withdraws and re-adds them).",
+)
+@option(
     "health-file",
     default=DEFAULT_HEALTH_FILE,
     help="Where the uplinks' health is written for `mptun uplinks`, which withdraws dead "
@@ -245,6 +300,7 @@ log = logging.getLogger("mptun.client")
 @stats_option
 @log_connections_option
 @control_option
+@metrics_options
 @option(
     "check",
     is_flag=True,
@@ -271,6 +327,10 @@ def client(ctx: click.Context, check: bool, **_: object) -> None:
         ctx.exit(status)
     built = build_client(settings, tunneler)
     start, stop = wrap_service(settings.control, built.app.start, built.app.stop, built.status)
+    if built.metrics is not None:
+        from mptun.common.metrics_http import serve_metrics  # only with --metrics
+
+        start, stop = serve_metrics(built.metrics, start, stop)
 
     def reload() -> None:
         nonlocal settings
@@ -319,6 +379,7 @@ def client_settings(ctx: click.Context) -> ClientSettings:
         reply=ReplyPolicy(p["reply"]),
         redir=p["redir"],
         tproxy=p["tproxy"],
+        tproxy_udp=p["tproxy_udp"],
         forward=tuple(p["forward"]),
         dns=dns,
         cipher=p["cipher"],
@@ -328,13 +389,21 @@ def client_settings(ctx: click.Context) -> ClientSettings:
         idle_timeout=p["idle_timeout"] or None,
         max_connections=p["max_connections"] if given(ctx, "max_connections") else None,
         socks_per_client=p["socks_per_client"],
+        udp_per_host=p["udp_per_host"],
+        udp_max=p["udp_max"],
+        udp_idle_timeout=p["udp_idle_timeout"],
         stats_file=p["stats_file"],
         control=p["control"],
         prefix=p["prefix"] or b"",
+        fast_open=p["fast_open"],
+        pool=p["pool"],
         log_connections=p["log_connections"],
         uplinks=uplinks,
         health=health,
         health_file=p["health_file"] or None,
+        metrics=p["metrics"],
+        metrics_public=p["metrics_public"],
+        uplink_hook=p["uplink_hook"] or (),
     )
 
 
@@ -347,10 +416,8 @@ def uplink_health_settings(p: dict) -> tuple[tuple[str, ...], HealthSettings]:
             f"--uplink-dead-after {dead_after:g} must be at least twice --uplink-check-interval "
             f"({interval:g}): an uplink is dead only after two rounds without an answer"
         )
-    if uplinks:
-        from mptun.client.netlink import import_pyroute2
-
-        import_pyroute2("mptun client --uplink")  # reads the uplinks' addresses
+    if p["uplink_hook"] and not uplinks:
+        raise ConfigError("--uplink-hook needs --uplink (the uplinks whose health it is told)")
     health = HealthSettings(
         interval=interval,
         checks=p["uplink_checks"],

@@ -17,6 +17,7 @@ from mptun.client.nftables import (
     GatewaySettings,
     IPAddress,
     parse_networks,
+    parse_port_ranges,
     render_gateway,
 )
 from mptun.commands.options import config_option, option, uci_option
@@ -46,6 +47,20 @@ def _server_addresses(values: tuple[str, ...]) -> list[IPAddress]:
             ips = [ipaddress.ip_address(sa[0].split("%")[0]) for *_, sa in infos]
         out += [ip for ip in ips if ip not in out]
     return out
+
+
+class PortRange(click.ParamType):
+    """PORT or LOW-HIGH (`3074`, `3478-3480`), as a (low, high) pair."""
+
+    name = "port-range"
+
+    def convert(self, value, param, ctx) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_port_ranges([str(value)])[0]
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
 
 
 @click.command()
@@ -91,6 +106,25 @@ def _server_addresses(values: tuple[str, ...]) -> list[IPAddress]:
     "reserved ranges.",
 )
 @option(
+    "bypass-source",
+    multiple=True,
+    help="LAN host (address or CIDR) whose TCP and UDP leave directly, untunnelled: a console, "
+    "a game that must see the home address (repeatable).",
+)
+@option(
+    "udp-port",
+    type=click.IntRange(1, 65535),
+    help="The mptun client's --tproxy-udp port: the LAN's UDP is handed to it with nftables "
+    "tproxy (it needs the policy routing of --mode tproxy, printed in the header).",
+)
+@option(
+    "bypass-udp-port",
+    type=PortRange(),
+    multiple=True,
+    help="UDP from or to this port (PORT or LOW-HIGH) leaves directly, with --udp-port "
+    "(repeatable).",
+)
+@option(
     "dns-port",
     type=click.IntRange(1, 65535),
     help="Redirect the LAN's DNS (UDP and TCP port 53, to any address) to the client's --dns port.",
@@ -99,7 +133,8 @@ def _server_addresses(values: tuple[str, ...]) -> list[IPAddress]:
     "block-quic",
     is_flag=True,
     default=False,
-    help="Reject UDP port 443 from the LAN, so browsers use TCP (which is tunneled) over QUIC.",
+    help="Reject UDP port 443 from the LAN, so browsers use TCP (which is tunneled) over QUIC; "
+    "not needed with --udp-port, which carries QUIC.",
 )
 @option(
     "ipv6",
@@ -137,6 +172,9 @@ def nft(
     lan,
     bypass,
     default_bypass,
+    bypass_source,
+    udp_port,
+    bypass_udp_port,
     dns_port,
     block_quic,
     ipv6,
@@ -160,6 +198,9 @@ def nft(
         table=table,
         mark=mark,
         route_table=route_table,
+        udp_port=udp_port,
+        source_bypass=parse_networks(bypass_source, "bypass-source"),
+        udp_bypass_ports=list(bypass_udp_port),
     )
     text = render_gateway(settings)
     if check:

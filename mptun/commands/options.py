@@ -15,24 +15,26 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from mptun import uci
 from mptun.common.address import Address
 from mptun.common.crypto import CIPHERS, DEFAULT_CIPHER, decode_key, load_key_file
 from mptun.common.errors import ConfigError, MptunError
 
 if TYPE_CHECKING:
+    from mptun import uci
     from mptun.common.relay import RelaySettings
 
 ENV_PREFIX = "MPTUN_"
 # Keys a UCI section may carry for the init script and the hotplug hook, not for the command.
 UCI_SERVICE_KEYS = ("enabled", "disabled")
+# Keys of `config client` for the init script only, with their values: it passes log_level to
+# `mptun --log-level`, an option of mptun itself (before the command), which no config sets.
+UCI_CLIENT_SERVICE_KEYS = {"log_level": ("debug", "info", "warning", "error")}
 _CONFIG_SOURCE = "mptun.config_source"  # ctx.meta key: which file filled default_map
 # Bounds that turn an absurd value into an error instead of a process that misbehaves later.
 MAX_SECONDS = 86400.0  # durations: at most a day
@@ -112,6 +114,30 @@ class Text(click.ParamType):
         if not self.min <= n <= self.max:
             self.fail(f"{n} bytes; {self.why} allows {self.min}-{self.max}", param, ctx)
         return text
+
+
+class ProgramLine(click.ParamType):
+    """A program and its first arguments, split as a shell would split the words (no shell runs
+    it): the program must exist and be executable now, not when it is first run."""
+
+    name = "command"
+
+    def convert(self, value: Any, param, ctx) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        import shlex
+        import shutil
+
+        try:
+            words = shlex.split(str(value))
+        except ValueError as e:
+            self.fail(f"{value!r}: {e}", param, ctx)
+        if not words:
+            self.fail("empty: give a program (and its first arguments)", param, ctx)
+        found = shutil.which(words[0])
+        if found is None:
+            self.fail(f"{words[0]!r}: no such executable program", param, ctx)
+        return (words[0], *words[1:])
 
 
 class HostPort(click.ParamType):
@@ -207,6 +233,10 @@ class FlightPrefix(click.ParamType):
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
+    # Here, not at the top: only --config reads TOML (tomllib's parser stays out of an idle
+    # router's memory, benchmarks/footprint.py).
+    import tomllib
+
     table = ctx.command.name or ""
     path = Path(value)
     try:
@@ -344,6 +374,8 @@ def uci_defaults(
 ) -> dict[str, Any]:
     """Map the package's section named after the command onto its options, checking each value
     with the option's own type so a bad one is reported as `file:line: key: why`."""
+    from mptun import uci  # only with --uci or `mptun uci`, as tomllib above
+
     command = ctx.command.name or ""
     sections = pkg.of_type(command)
     if len(sections) > 1:
@@ -363,6 +395,16 @@ def uci_defaults(
                 uci.parse_bool(opt.value, opt.name)
             except ConfigError as e:
                 raise click.BadParameter(f"{where}: {e}", ctx, param) from None
+            continue
+        if command == "client" and opt.name in UCI_CLIENT_SERVICE_KEYS:
+            allowed = UCI_CLIENT_SERVICE_KEYS[opt.name]
+            if opt.is_list or opt.value not in allowed:
+                raise click.BadParameter(
+                    f"{where}: {opt.name}: {opt.value!r} is not one of {', '.join(allowed)} "
+                    f"(write `option {opt.name}`)",
+                    ctx,
+                    param,
+                )
             continue
         p = _known_option(
             ctx, opt.name, f"{where}: unknown key {opt.name!r} in config {command}", param, "_"
@@ -394,6 +436,8 @@ def uci_defaults(
 def _load_uci(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
+    from mptun import uci
+
     try:
         pkg = uci.load(value)
     except uci.UciError as e:
@@ -602,4 +646,22 @@ def control_option(f: Callable) -> Callable:
         metavar="auto|@NAME|PATH|none",
         help="Control socket `mptun status` reads: auto = @mptun/client/PID-RANDOM (abstract, "
         "per network namespace); @NAME abstract; a file path; none.",
+    )(f)
+
+
+def metrics_options(f: Callable) -> Callable:
+    """`--metrics` and `--metrics-public` (client and server: common/metrics_http.py)."""
+    f = option(
+        "metrics-public",
+        is_flag=True,
+        default=False,
+        help="Let --metrics bind an address other than loopback (the page has no "
+        "authentication: keep the port behind a firewall).",
+    )(f)
+    return option(
+        "metrics",
+        type=HostPort(ip_only=True, any_port=True),
+        metavar="HOST:PORT",
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (loopback unless "
+        "--metrics-public; off by default).",
     )(f)

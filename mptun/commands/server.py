@@ -20,6 +20,7 @@ from mptun.commands.options import (
     key_options,
     log_connections_option,
     max_connections_option,
+    metrics_options,
     option,
     relay_option,
     relay_settings,
@@ -35,8 +36,9 @@ from mptun.common.errors import MptunError
 from mptun.common.replay import DEFAULT_CAPACITY, DEFAULT_WINDOW
 from mptun.common.stats import StatsDump
 from mptun.server.admission import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE
-from mptun.server.app import ServerSettings, server_config
+from mptun.server.app import ServerSettings, build_metrics, metrics_restart, server_config
 from mptun.server.service import Server
+from mptun.server.udp import DEFAULT_IDLE_TIMEOUT, Filter
 
 log = logging.getLogger("mptun.server")
 # ~200 bytes a salt (common/replay.py): 10 million is ~2 GB, more than a VPS should give it.
@@ -127,27 +129,48 @@ class NameserverAddress(HostPort):
     type=OutputFile(),
     help="Save the replay cache here on stop and restore it on start (survives restarts).",
 )
+@option(
+    "udp-filter",
+    type=click.Choice([f.value for f in Filter]),
+    default=Filter.ENDPOINT.value,
+    help="Who may send to a UDP association's address and port: 'endpoint' anyone "
+    "(endpoint-independent filtering), 'address' only addresses it sent to.",
+)
+@option(
+    "udp-idle-timeout",
+    type=seconds(min=1.0),
+    default=DEFAULT_IDLE_TIMEOUT,
+    help="Seconds a UDP association (its address and port) may stay idle before it ends.",
+)
 @stats_option
 @log_connections_option
+@metrics_options
 @timeout_option("drain-timeout", 10.0, "On SIGTERM, seconds open connections may take to end.")
 @click.pass_context
 def server(ctx: click.Context, **_: object) -> None:
     """Run the tunnel server (the VPS end). SIGHUP reloads config and key; SIGUSR1 dumps stats."""
     settings = server_settings(ctx)
     srv = Server(server_config(settings))
+    metrics = build_metrics(settings, srv)
 
     def reload() -> None:
         try:
             with ctx.command.reparse(ctx) as new:  # type: ignore[attr-defined]
-                config = server_config(server_settings(new))
+                fresh = server_settings(new)
+                config = server_config(fresh)
         except (MptunError, click.ClickException) as e:
             msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
             log.error("reload failed, keeping the running configuration: %s", msg)
             return
-        srv.reload(config)
+        srv.reload(config, tuple(metrics_restart(settings, fresh)))
 
     dump = StatsDump(settings.stats_file, srv.snapshot)
-    runtime.run(srv.start, srv.stop, settings.drain_timeout, reload=reload, dump=dump)
+    start, stop = srv.start, srv.stop
+    if metrics is not None:
+        from mptun.common.metrics_http import serve_metrics  # only with --metrics
+
+        start, stop = serve_metrics(metrics, srv.start, srv.stop)
+    runtime.run(start, stop, settings.drain_timeout, reload=reload, dump=dump)
 
 
 def server_settings(ctx: click.Context) -> ServerSettings:
@@ -168,9 +191,13 @@ def server_settings(ctx: click.Context) -> ServerSettings:
         max_handshakes=p["max_handshakes"],
         max_handshakes_per_source=p["max_handshakes_per_source"],
         replay_window=p["replay_window"],
+        udp_filter=Filter(p["udp_filter"]),
+        udp_idle_timeout=p["udp_idle_timeout"],
         replay_capacity=p["replay_capacity"],
         replay_file=p["replay_file"],
         stats_file=p["stats_file"],
         drain_timeout=p["drain_timeout"],
         log_connections=p["log_connections"],
+        metrics=p["metrics"],
+        metrics_public=p["metrics_public"],
     )

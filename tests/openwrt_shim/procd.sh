@@ -16,3 +16,14 @@ procd_close_instance() { _procd_log close_instance; }
 procd_add_reload_trigger() { _procd_log add_reload_trigger "$@"; }
 procd_add_reload_interface_trigger() { _procd_log add_reload_interface_trigger "$@"; }
 procd_add_interface_trigger() { _procd_log add_interface_trigger "$@"; }
+
+# rc.common's start and stop of a procd service (procd_open_service and procd_kill around the
+# service's own functions): recorded, then the service's function runs.
+start() {
+	_procd_log start
+	start_service "$@"
+}
+stop() {
+	_procd_log stop
+	stop_service "$@"
+}

@@ -10,6 +10,12 @@
 # default route; per address, rule P `from ADDR lookup main suppress_prefixlength 0` and rule P+1
 # `from ADDR lookup TABLE` (P = rule_priority); an MPTCP `subflow` endpoint. Rules and routes carry
 # protocol 247 and endpoints ids 192-255, as client/uplinks.py marks them, so both find them.
+#
+# Uplink health (client/health.py): the client probes each uplink and runs this file as a program,
+# `mptun.sh uplink-state DEVICE STATE` (its --uplink-hook), at each change. Dead or mptcp-broken:
+# the uplink's endpoints are withdrawn (its table and rules stay) and a marker file,
+# /var/run/mptun/withdrawn.IFACE, keeps the hotplug hook from adding them again; up or degraded:
+# the marker goes and the endpoints come back. This file is the one owner of the endpoints.
 
 MPTUN_PROTO=247
 MPTUN_ID_LO=192
@@ -17,6 +23,7 @@ MPTUN_ID_HI=255
 # tproxy (config nft, mode tproxy): client/nftables.py's defaults, overridable as in `mptun nft`.
 MPTUN_TPROXY_MARK=0x10000
 MPTUN_TPROXY_TABLE=100
+MPTUN_RUNDIR="$MPTUN_ROOT/var/run/mptun"
 
 mptun_log() {
 	logger -t mptun -p "daemon.$1" "$2" 2>/dev/null
@@ -96,6 +103,20 @@ _mptun_table_addrs() {
 	done
 }
 
+# _mptun_dev_endpoints_delete DEVICE: remove mptun's endpoints (ids 192-255) on DEVICE.
+_mptun_dev_endpoints_delete() {
+	local id
+	for id in $(ip mptcp endpoint show | sed -n "s/.* id \([0-9]*\) .*dev $1\( .*\)\{0,1\}\$/\1/p"); do
+		[ "$id" -ge "$MPTUN_ID_LO" ] && ip mptcp endpoint delete id "$id"
+	done
+	return 0
+}
+
+# mptun_withdrawn IFACE: whether uplink health withdrew the uplink's endpoints (its marker).
+mptun_withdrawn() {
+	[ -e "$MPTUN_RUNDIR/withdrawn.$1" ]
+}
+
 # _mptun_addr_down ADDR PREF: remove the address's two rules and its mptun endpoint.
 _mptun_addr_down() {
 	local fam=-4 id
@@ -143,6 +164,8 @@ mptun_uplink_up() {
 		ip "$fam" rule add pref "$pref" from "$addr" lookup main suppress_prefixlength 0 \
 			proto "$MPTUN_PROTO"
 		ip "$fam" rule add pref $((pref + 1)) from "$addr" lookup "$table" proto "$MPTUN_PROTO"
+		# withdrawn by uplink health (dead): the endpoint waits for `uplink-state ... up`
+		mptun_withdrawn "$iface" && continue
 		ip mptcp endpoint show | grep -q "^$addr " && continue
 		id=$(_mptun_free_id) || {
 			mptun_log err "uplink $iface: no free MPTCP endpoint id in $MPTUN_ID_LO-$MPTUN_ID_HI"
@@ -152,7 +175,8 @@ mptun_uplink_up() {
 		ip mptcp endpoint add "$addr" dev "$dev" id "$id" $flags
 	done
 	ip mptcp limits set subflow "$MPTUN_SUBFLOWS" add_addr_accepted "$MPTUN_SUBFLOWS" 2>/dev/null
-	mptun_log info "uplink $iface ($dev): table $table, ${addrs:+$addrs }${addrs6:-}"
+	mptun_log info "uplink $iface ($dev): table $table, ${addrs:+$addrs }${addrs6:-}$(
+		mptun_withdrawn "$iface" && echo " (endpoints withdrawn: dead by the health checks)")"
 	return 0
 }
 
@@ -172,9 +196,73 @@ mptun_uplink_down() {
 		ip "$fam" route flush table "$table" proto "$MPTUN_PROTO" 2>/dev/null
 	done
 	[ -n "$dev" ] || return 0
-	for id in $(ip mptcp endpoint show | sed -n "s/.* id \([0-9]*\) .*dev $dev\( .*\)\{0,1\}\$/\1/p"); do
-		[ "$id" -ge "$MPTUN_ID_LO" ] && ip mptcp endpoint delete id "$id"
+	_mptun_dev_endpoints_delete "$dev"
+}
+
+# mptun_uplink_device IFACE: print the uplink's kernel device, as netifd names it (the one
+# `mptun client --uplink` probes through and names in uplink-state).
+mptun_uplink_device() {
+	local dev=
+	network_get_device dev "$1" || network_get_physdev dev "$1" || return 1
+	echo "$dev"
+}
+
+# mptun_uplink_of DEVICE: print the enabled uplink (interface) whose device is DEVICE.
+mptun_uplink_of() {
+	local iface
+	for iface in $(mptun_uplink_interfaces); do
+		[ "$(mptun_uplink_device "$iface")" = "$1" ] && echo "$iface" && return 0
 	done
+	return 1
+}
+
+# mptun_uplink_state DEVICE STATE: what the client's uplink health found (its --uplink-hook).
+# dead, mptcp-broken: withdraw the uplink's endpoints (no new subflows over it; its table and
+# rules stay, and the subflows it has end as the kernel closes those of a removed endpoint) and
+# leave the marker; up, degraded: remove the marker and add them again.
+mptun_uplink_state() {
+	local dev=$1 state=$2 iface
+	case "$state" in
+	up | degraded | dead | mptcp-broken) ;;
+	*)
+		mptun_log err "uplink-state $dev: unknown state '$state' (up, degraded, dead, mptcp-broken)"
+		return 2
+		;;
+	esac
+	# only while the service runs (stop_service removes the file first)
+	[ -e "$MPTUN_RUNDIR/started" ] || return 0
+	iface=$(mptun_uplink_of "$dev") || {
+		mptun_log warning "uplink-state: $dev is no enabled uplink's device"
+		return 0
+	}
+	case "$state" in
+	dead | mptcp-broken)
+		mptun_withdrawn "$iface" && return 0
+		touch "$MPTUN_RUNDIR/withdrawn.$iface"
+		_mptun_dev_endpoints_delete "$dev"
+		mptun_log notice "uplink $iface ($dev) is $state: its MPTCP endpoints withdrawn"
+		;;
+	*)
+		mptun_withdrawn "$iface" || return 0
+		rm -f "$MPTUN_RUNDIR/withdrawn.$iface"
+		network_is_up "$iface" && mptun_uplink_up "$iface"
+		mptun_log notice "uplink $iface ($dev) is $state: its MPTCP endpoints are back"
+		;;
+	esac
+	return 0
+}
+
+# mptun_blackhole_off: net.mptcp.blackhole_timeout 0 where the kernel has it (6.12+). After a
+# suspected firewall blackhole the kernel turns MPTCP off for new outgoing connections of the
+# namespace for blackhole_timeout seconds (default 3600; Documentation/networking/
+# mptcp-sysctl.rst); on a router with several uplinks that trips when a blackholed uplink
+# recovers and would leave the tunnel on one path for an hour. Uplink health handles a dead
+# uplink instead (`mptun uplinks` does the same, client/netlink.py).
+mptun_blackhole_off() {
+	local f=/proc/sys/net/mptcp/blackhole_timeout
+	[ -e "$f" ] || return 0
+	[ "$(cat "$f")" = 0 ] || echo 0 >"$f" 2>/dev/null ||
+		mptun_log warning "cannot set net.mptcp.blackhole_timeout to 0"
 	return 0
 }
 
@@ -289,3 +377,27 @@ mptun_dnsmasq() {
 	[ -n "$changed" ] && [ -z "$MPTUN_ROOT" ] && /etc/init.d/dnsmasq restart >/dev/null 2>&1
 	return 0
 }
+
+# Run as a program (not sourced): `mptun.sh uplink-state DEVICE STATE`, the client's
+# --uplink-hook (the init script passes it).
+if [ "${0##*/}" = mptun.sh ]; then
+	case "$1" in
+	uplink-state)
+		[ "$#" = 3 ] || {
+			echo "usage: mptun.sh uplink-state DEVICE STATE" >&2
+			exit 2
+		}
+		# shellcheck source=/dev/null  # OpenWrt library
+		. "$MPTUN_ROOT/lib/functions.sh"
+		# shellcheck source=/dev/null
+		. "$MPTUN_ROOT/lib/functions/network.sh"
+		config_load mptun
+		mptun_uplink_state "$2" "$3"
+		exit
+		;;
+	*)
+		echo "usage: mptun.sh uplink-state DEVICE STATE (else it is sourced)" >&2
+		exit 2
+		;;
+	esac
+fi

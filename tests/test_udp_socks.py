@@ -351,3 +351,28 @@ def test_a_reload_keeps_one_set_of_associations(tmp_path: Path, key_file: Path) 
                 s.close()
             for a in assocs:
                 a.close()
+
+
+def test_udp_is_dropped_while_every_server_is_down_even_with_when_down_direct(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """UDP never falls back to the direct path (docs/CLI.md, "When no server answers"): with
+    its one server stopped and `--when-down direct`, a datagram is counted `udp-no-tunnel` and
+    the target sees nothing."""
+    srv = ServerProcess(tmp_path, key_file, *ALLOW)
+    port = srv.port
+    srv.stop()
+    with (
+        ClientProcess(tmp_path, key_file, port, "--when-down", "direct") as cli,
+        udp_peer() as peer,
+    ):
+        wait_until(lambda: f"server 127.0.0.1:{port} is down" in cli.log(), 20, "server down")
+        own = udp_from()
+        a = RawAssociation(cli.socks_port)
+        try:
+            own.sendto(header(peer.address) + b"while down", a.relay)
+            wait_until(lambda: cli.stats()["counters"].get("udp-no-tunnel", 0) >= 1, 20, "counted")
+            assert peer.seen == []
+        finally:
+            own.close()
+            a.close()

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mptun.common.fastopen import ClientFail, client_fail, syn_data_acked
-from mptun.common.sockets import TCP_FASTOPEN_CONNECT
+from mptun.common.sockets import TCP_FASTOPEN_CONNECT, wait_connected
 
 log = logging.getLogger("mptun.client")
 
@@ -199,27 +199,9 @@ async def connect_with_flight(
             sent = 0
     elif err not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
         raise OSError(err, errno.errorcode.get(err, str(err)))
-    await _established(loop, sock, timeout)
+    await wait_connected(loop, sock, timeout)
     if sent < len(flight):
         await loop.sock_sendall(sock, flight[sent:])
     if not tried:
         return Outcome(False, False, ClientFail.NONE)
     return Outcome(True, syn_data_acked(sock), client_fail(sock))
-
-
-async def _established(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float
-) -> None:
-    """Wait until a connecting socket is writable (connected or failed); OSError if failed."""
-    fut = loop.create_future()
-    fd = sock.fileno()
-    loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        await asyncio.wait_for(fut, timeout)
-    except TimeoutError:
-        raise OSError(errno.ETIMEDOUT, "connection timed out") from None
-    finally:
-        loop.remove_writer(fd)
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err:
-        raise OSError(err, errno.errorcode.get(err, str(err)))

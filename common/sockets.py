@@ -103,6 +103,14 @@ async def connect(
         return
     if err not in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
         raise OSError(err, errno.errorcode.get(err, str(err)))
+    await wait_connected(loop, sock, timeout)
+
+
+async def wait_connected(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float
+) -> None:
+    """Wait until a connecting socket is writable (connected or failed); OSError if it failed,
+    ETIMEDOUT after `timeout`."""
     fut = loop.create_future()
     fd = sock.fileno()
 

@@ -62,6 +62,13 @@ class Quotas(click.ParamType):
     help="Transfers per case, link and direction (the table shows median and spread).",
 )
 @option(
+    "gateway-runs",
+    type=click.IntRange(min=1, max=50),
+    default=None,
+    help="Transfers per direction of the gateway cases (gw-*) on the raw links, where the "
+    "stall target counts runs below half the median (default: --runs).",
+)
+@option(
     "cases",
     "--cases",
     "case_ids",
@@ -125,6 +132,7 @@ def bench(
     mode,
     seconds,
     runs,
+    gateway_runs,
     case_ids,
     links,
     uplinks,
@@ -155,12 +163,13 @@ def bench(
         cases = [c for c in cases if c.id in wanted]
         studies = [x for x in studies if x in wanted]
     if quick:
-        seconds, runs = 1.0, 1
+        seconds, runs, gateway_runs = 1.0, 1, None
         idle_connections = min(idle_connections, 50)
         connrate_seconds = min(connrate_seconds, 1.0)
     settings = Settings(
         seconds=seconds,
         runs=runs,
+        gateway_runs=gateway_runs or runs,
         links=("raw", "shaped") if links == "both" else (links,),
         connrate_seconds=connrate_seconds,
         idle_connections=idle_connections,
@@ -176,6 +185,7 @@ def bench(
         environment = open_environment(mode, uplinks)
     except BenchError as e:
         raise MptunError(str(e)) from None
+    skipped: dict[str, str] = {}  # a study asked for that cannot run here: why
     for sid in list(studies):
         gw = environment.gateway
         why = (
@@ -186,6 +196,7 @@ def bench(
         if why:
             click.echo(f"skipping {sid}: {why}", err=True)
             studies.remove(sid)
+            skipped[sid] = why
     if not environment.gateway:
         for c in cases:
             if c.generator == "iperf3" and not c.skip:
@@ -234,6 +245,7 @@ def bench(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": seconds,
         "runs": runs,
+        "gateway_runs": settings.gateway_runs,
         "links": list(settings.links),
         "uplinks": uplinks if environment.gateway else None,
         "loadavg": loadavg(),
@@ -245,13 +257,15 @@ def bench(
     udp_rows = udp.summarize_udp(results.get("udp", []))
     checks = []
     if rows or not studies:
-        checks = report.targets(rows, results) + report.gateway_targets(rows)
+        shaped_sum = sum(environment.shaped_rates or []) or None
+        checks = report.targets(rows, results, shaped_sum)
     if "budget" in studies:
-        checks += budget.budget_targets(budget_rows, budget.link_sum())
+        checks += report.tag(report.ROUTER, budget.budget_targets(budget_rows, budget.link_sum()))
     if "pages" in studies:
-        checks += budget.page_targets(page_rows)
+        checks += report.tag(report.ROUTER, budget.page_targets(page_rows))
     if udp.STUDY in studies:
-        checks += udp.udp_targets(udp_rows)
+        checks += report.tag(report.UDP, udp.udp_targets(udp_rows))
+    checks += report.skipped_targets(skipped)
     meta["quotas"] = list(quotas)
     if rows or not studies:
         click.echo(report.table(rows, cases, results, meta))

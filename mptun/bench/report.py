@@ -19,6 +19,32 @@ GW_SPLICE, GW_AEAD, GW_REFERENCE, GW_KERNEL = (
 GW_CASES = (GW_SPLICE, GW_AEAD, GW_REFERENCE, GW_KERNEL)
 STALL_SHARE = 0.5  # a run below this share of its case's median is a stall
 
+Check = tuple[str, bool | None, str]  # what (its issue's tag first), held? (None: n/a), numbers
+
+# The issues whose targets the bench checks, by tag: each target line starts with its tag.
+FIRST, GATEWAY, ROUTER, UDP = "#8", "#17", "#18", "#14"
+ISSUES = {
+    FIRST: "the first bench targets",
+    UDP: "UDP from the LAN",
+    GATEWAY: "splice in gateway mode",
+    ROUTER: "a router's CPU budget",
+}
+SHAPED_SUM_MBIT = 200.0  # the shaped uplinks' sum when a run does not say (100/60/40)
+# Issue 17's thresholds
+SPLICE_VS_REFERENCE = 0.9
+SPLICE_TCP_VS_ROUTE = 0.9
+AEAD_VS_SS = 3.0
+AEAD_CPU_VS_SS = 0.4
+SHAPED_SHARE = 0.93
+SHAPED_CPU_VS_SS = 0.5
+# Issue 18's connection case: mptun's defaults (`--bulk auto` is aead over MPTCP) and plain
+CONNRATE_CASES = (
+    ("aead-mptcp", "mptun defaults (aead/MPTCP)"),
+    ("splice-mptcp", "mptun --bulk plain (splice/MPTCP)"),
+)
+CONNRATE_VS_SS = 0.8
+CONN_CPU_VS_SS = 2.0
+
 
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
@@ -97,24 +123,39 @@ def gateway_table(rows: list[dict], cases: list[Case]) -> str:
     return "\n".join(out)
 
 
-def gateway_targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
+def gateway_targets(rows: list[dict]) -> list[Check]:
     """Issue 17's gateway targets: splice >= 0.9x the reference relay and no stalls, splice
-    at least as fast as aead with less CPU per GB (both ends)."""
+    at least as fast as aead with less CPU per GB (both ends); n/a on the raw links when the
+    gateway cases did not run."""
     idx = {(r["link"], r["case"], r["direction"]): r for r in rows}
-    checks: list[tuple[str, bool | None, str]] = []
+    checks: list[Check] = []
+    if not any(r["case"] == GW_SPLICE and r.get("mbps") for r in rows):
+        return [("raw gateway: splice vs reference relay", None, f"not measured ({GW_SPLICE})")]
     for link in sorted({r["link"] for r in rows if r["case"] == GW_SPLICE}):
         for d in ("up", "down"):
             sp, ref, ae = (idx.get((link, c, d)) for c in (GW_SPLICE, GW_REFERENCE, GW_AEAD))
             if not sp or not sp.get("mbps"):
                 continue
+            kern = idx.get((link, GW_KERNEL, d))
             if ref and ref.get("mbps"):
                 x = sp["mbps"] / ref["mbps"]
+                # issue 17: both against the kernel's MPTCP with no relay, as context
+                context = (
+                    f"; context: splice {sp['mbps'] / kern['mbps']:.2f}x, reference "
+                    f"{ref['mbps'] / kern['mbps']:.2f}x mptcp-kernel"
+                    if kern and kern.get("mbps")
+                    else ""
+                )
                 checks.append(
                     (
                         f"{link} {d} gateway: splice vs reference relay",
-                        x >= 0.9,
-                        f"{x:.2f}x (need >= 0.9)",
+                        x >= SPLICE_VS_REFERENCE,
+                        f"{x:.2f}x (need >= {SPLICE_VS_REFERENCE:g}){context}",
                     )
+                )
+            else:
+                checks.append(
+                    (f"{link} {d} gateway: splice vs reference relay", None, "not measured")
                 )
             worst = sp["mbps_min"] / sp["mbps"]
             # the reference's own worst run says whether a stall is the relay's or the kernel's
@@ -211,69 +252,199 @@ def table(rows: list[dict], cases: list[Case], results: dict, meta: dict) -> str
     return "\n".join(out)
 
 
-def targets(rows: list[dict], results: dict) -> list[tuple[str, bool | None, str]]:
-    """The issue's targets, each (what, held?, the numbers); None when a case is missing."""
-    idx = {(r["link"], r["case"], r["direction"]): r for r in rows}
-    checks: list[tuple[str, bool | None, str]] = []
+def tag(issue: str, checks: list[Check]) -> list[Check]:
+    """The same checks, each naming the issue whose target it is."""
+    return [(f"{issue} {what}", ok, detail) for what, ok, detail in checks]
 
-    def ratio(link, case, ref, direction, need, what):
-        a, b = idx.get((link, case, direction)), idx.get((link, ref, direction))
-        if not a or not b or not a.get("mbps") or not b.get("mbps"):
-            checks.append((what, None, "not measured"))
+
+def _both_ends(row: dict) -> float:
+    return row.get("cpu_client", 0.0) + row.get("cpu_server", 0.0)
+
+
+def _measured(row: dict | None) -> bool:
+    return bool(row and row.get("mbps"))
+
+
+def targets(rows: list[dict], results: dict, shaped_sum: float | None = None) -> list[Check]:
+    """Every target the bench's own cases measure (issues 8, 17 and 18's connection case), each
+    (what, held?, the numbers), n/a when a case is missing; the budget, pages and UDP studies
+    add theirs (`tag` them). `shaped_sum`: the shaped uplinks' Mbit/s together."""
+    return (
+        raw_targets(rows)
+        + tag(GATEWAY, gateway_targets(rows))
+        + shaped_targets(rows, shaped_sum or SHAPED_SUM_MBIT)
+        + connrate_targets(results.get("connrate", []))
+        + idle_targets(results.get("idle", []))
+    )
+
+
+def raw_targets(rows: list[dict]) -> list[Check]:
+    """The unshaped links through SOCKS (the bench's generator): issue 17's splice and aead
+    targets and issue 8's splice targets."""
+    idx = {(r["link"], r["case"], r["direction"]): r for r in rows}
+    checks: list[Check] = []
+
+    def ratio(case: str, ref: str, d: str, need: float, what: str) -> None:
+        a, b = idx.get(("raw", case, d)), idx.get(("raw", ref, d))
+        if not _measured(a) or not _measured(b):
+            checks.append((what, None, f"not measured ({case} and {ref} needed)"))
             return
         x = a["mbps"] / b["mbps"]
-        checks.append((what, x >= need, f"{x:.2f}x (need >= {need})"))
+        checks.append((what, x >= need, f"{x:.2f}x (need >= {need:g})"))
+
+    def cpu(case: str, ref: str, d: str, need: float | None, what: str) -> None:
+        """Both ends' CPU per GB: at most `need` times the other's (None: strictly less)."""
+        a, b = idx.get(("raw", case, d)), idx.get(("raw", ref, d))
+        if not a or not b or a.get("cpu_client") is None or b.get("cpu_client") is None:
+            checks.append((what, None, f"not measured ({case} and {ref} needed)"))
+            return
+        mine, theirs = _both_ends(a), _both_ends(b)
+        x = mine / theirs if theirs else float("inf")
+        held = x <= need if need is not None else mine < theirs
+        bar = f"need <= {need:g}" if need is not None else "need < 1"
+        checks.append((what, held, f"{mine:.2f} vs {theirs:.2f} s/GB = {x:.2f}x ({bar})"))
 
     for d in ("up", "down"):
-        ratio("raw", "splice-mptcp", ROUTE, d, 0.75, f"raw {d}: splice/MPTCP vs route/NAT")
-        ratio("raw", "splice-mptcp", INCUMBENT, d, 5.0, f"raw {d}: splice/MPTCP vs ss-libev")
-        ratio("raw", "splice-tcp", ROUTE, d, 0.85, f"raw {d}: splice/TCP vs route/NAT")
-        a = idx.get(("shaped", "splice-mptcp", d))
-        s = idx.get(("shaped", INCUMBENT, d))
-        if a and a.get("mbps"):
-            x = a["mbps"] / 200.0
-            checks.append((f"shaped {d}: aggregate vs link sum", x >= 0.93, f"{x:.3f} of 200 Mbit"))
+        g = f"{GATEWAY} raw {d}"
+        sp, kern = idx.get(("raw", "splice-mptcp", d)), idx.get(("raw", KERNEL_MPTCP, d))
+        context = (
+            f"; context: splice/MPTCP {sp['mbps'] / kern['mbps']:.2f}x mptcp-kernel"
+            if _measured(sp) and _measured(kern)
+            else ""
+        )
+        checks.append(
+            (
+                f"{g}: splice/MPTCP vs the reference relay through SOCKS",
+                None,
+                "no such case: the reference relay runs in the gateway cases only "
+                f"(gw-reference, below){context}",
+            )
+        )
+        if _measured(sp):
+            worst = sp["mbps_min"] / sp["mbps"]
+            checks.append(
+                (
+                    f"{g}: splice/MPTCP's worst run vs its median",
+                    worst >= STALL_SHARE,
+                    f"{worst:.2f}x over {sp['runs']} runs (need >= {STALL_SHARE:g})",
+                )
+            )
+        else:
+            checks.append((f"{g}: splice/MPTCP's worst run vs its median", None, "not measured"))
+        ratio("splice-mptcp", "aead-mptcp", d, 1.0, f"{g}: splice/MPTCP vs aead/MPTCP")
+        cpu("splice-mptcp", "aead-mptcp", d, None, f"{g}: splice/MPTCP CPU/GB (both ends) vs aead")
+        ratio("splice-tcp", ROUTE, d, SPLICE_TCP_VS_ROUTE, f"{g}: splice/TCP vs route/NAT")
+        ratio("aead-mptcp", INCUMBENT, d, AEAD_VS_SS, f"{g}: aead/MPTCP vs ss-libev")
+        cpu(
+            "aead-mptcp",
+            INCUMBENT,
+            d,
+            AEAD_CPU_VS_SS,
+            f"{g}: aead/MPTCP CPU/GB of both ends vs ss-libev",
+        )
+        f = f"{FIRST} raw {d}"
+        ratio("splice-mptcp", ROUTE, d, 0.75, f"{f}: splice/MPTCP vs route/NAT")
+        ratio("splice-mptcp", INCUMBENT, d, 5.0, f"{f}: splice/MPTCP vs ss-libev")
+    return checks
+
+
+def shaped_targets(rows: list[dict], total: float = SHAPED_SUM_MBIT) -> list[Check]:
+    """The three shaped uplinks (WiFi rates; issue 17 repeats issue 8's targets here):
+    aggregate against the links' sum, the receiving relay's CPU per GB against ss-libev's, and
+    issue 8's RTT under load."""
+    idx = {(r["link"], r["case"], r["direction"]): r for r in rows}
+    checks: list[Check] = []
+    for d in ("up", "down"):
+        t = f"{GATEWAY}/{FIRST} shaped {d}"
+        a, s = idx.get(("shaped", "splice-mptcp", d)), idx.get(("shaped", INCUMBENT, d))
+        for case, what in (("splice-mptcp", "splice/MPTCP"), (GW_SPLICE, "gateway splice")):
+            r = idx.get(("shaped", case, d))
+            name = f"{t}: {what} aggregate vs the link sum"
+            if not _measured(r):
+                checks.append((name, None, f"not measured (shaped links, {case})"))
+                continue
+            x = r["mbps"] / total
+            checks.append(
+                (name, x >= SHAPED_SHARE, f"{x:.3f} of {total:g} Mbit (need >= {SHAPED_SHARE})")
+            )
+        name = f"{t}: receiving relay's CPU/GB vs ss-libev"
         if a and s and a.get("cpu_receiving") and s.get("cpu_receiving"):
             x = a["cpu_receiving"] / s["cpu_receiving"]
             checks.append(
                 (
-                    f"shaped {d}: receiving-end CPU/GB vs ss-libev",
-                    x <= 0.5,
+                    name,
+                    x <= SHAPED_CPU_VS_SS,
                     f"{a['cpu_receiving']:.2f} vs {s['cpu_receiving']:.2f} s/GB = {x:.2f}x "
-                    "(need <= 0.5)",
+                    f"(need <= {SHAPED_CPU_VS_SS:g})",
                 )
             )
+        else:
+            checks.append((name, None, "not measured (shaped links, splice-mptcp and ss-mptcp)"))
+        name = f"{FIRST} shaped {d}: RTT under load vs ss-libev"
         if a and s and a.get("rtt_median") is not None and s.get("rtt_median") is not None:
             gap = a["rtt_median"] - s["rtt_median"]
             checks.append(
                 (
-                    f"shaped {d}: RTT under load vs ss-libev",
+                    name,
                     gap <= 2.0,
                     f"{a['rtt_median']:.2f} vs {s['rtt_median']:.2f} ms (need <= +2 ms)",
                 )
             )
-        # Issue 5: encrypted bulk data in user space over MPTCP against the incumbent (both
-        # encrypt with AES-256-GCM): at least twice the throughput, at most half the CPU per GB
-        # of both ends together.
-        ratio("raw", "aead-mptcp", INCUMBENT, d, 2.0, f"raw {d}: aead/MPTCP vs ss-libev")
-        a, s = idx.get(("raw", "aead-mptcp", d)), idx.get(("raw", INCUMBENT, d))
-        if a and s and a.get("cpu_client") is not None and s.get("cpu_client") is not None:
-            mine = a["cpu_client"] + a.get("cpu_server", 0.0)
-            theirs = s["cpu_client"] + s.get("cpu_server", 0.0)
+        else:
+            checks.append((name, None, "not measured (shaped links, splice-mptcp and ss-mptcp)"))
+    return checks
+
+
+def connrate_targets(measurements: list[dict]) -> list[Check]:
+    """Issue 18's connection case against shadowsocks-libev under mptcpize: at least 0.8x its
+    connections per second, at most 2x its CPU per connection at each end."""
+    by_case = {m["case"]: m for m in measurements if "per_s" in m}
+    ss = by_case.get(INCUMBENT)
+    checks: list[Check] = []
+    for case, label in CONNRATE_CASES:
+        what = f"{ROUTER} connections/s: {label} vs ss-libev"
+        m = by_case.get(case)
+        if not m or not ss or not ss["per_s"]:
+            checks.append((what, None, f"not measured ({case} and {INCUMBENT} needed)"))
+            continue
+        x = m["per_s"] / ss["per_s"]
+        errors = f"; errors {m['errors']}/{ss['errors']}" if m["errors"] or ss["errors"] else ""
+        checks.append(
+            (
+                what,
+                x >= CONNRATE_VS_SS,
+                f"{m['per_s']:.0f} vs {ss['per_s']:.0f}/s = {x:.2f}x "
+                f"(need >= {CONNRATE_VS_SS:g}){errors}",
+            )
+        )
+        for end in ("client", "server"):
+            what = f"{ROUTER} CPU per connection, {end}: {label} vs ss-libev"
+            if end not in m["cpu"] or end not in ss["cpu"]:
+                checks.append((what, None, f"not measured (no {end} CPU)"))
+                continue
+            mine = m["cpu"][end] / max(m["connections"], 1)
+            theirs = ss["cpu"][end] / max(ss["connections"], 1)
             x = mine / theirs if theirs else float("inf")
             checks.append(
                 (
-                    f"raw {d}: aead/MPTCP CPU/GB of both ends vs ss-libev",
-                    x <= 0.5,
-                    f"{mine:.2f} vs {theirs:.2f} s/GB = {x:.2f}x (need <= 0.5)",
+                    what,
+                    x <= CONN_CPU_VS_SS,
+                    f"{mine * 1e3:.2f} vs {theirs * 1e3:.2f} ms = {x:.2f}x "
+                    f"(need <= {CONN_CPU_VS_SS:g})",
                 )
             )
-    for m in results.get("idle", []):
+    return checks
+
+
+def idle_targets(measurements: list[dict]) -> list[Check]:
+    """Issue 8's idle connections: at most 50 MiB per 1000 on either end."""
+    checks: list[Check] = []
+    for m in measurements:
         if m["case"] == "splice-mptcp" and "per_connection" in m:
             worst = max(m["per_connection"].values()) * m["connections"] / 2**20
             checks.append(
                 (
-                    f"{m['connections']} idle connections, RSS per mptun process",
+                    f"{FIRST} {m['connections']} idle connections, RSS per mptun process",
                     worst <= 50 * m["connections"] / 1000,
                     f"+{worst:.1f} MiB worst end (need <= 50 MiB per 1000)",
                 )
@@ -309,9 +480,30 @@ def format_context(lines: list[str]) -> str:
     )
 
 
-def format_targets(checks: list[tuple[str, bool | None, str]]) -> str:
+def skipped_targets(skipped: dict[str, str]) -> list[Check]:
+    """An n/a line for each study asked for that could not run here, saying why."""
+    issue = {"budget": ROUTER, "pages": ROUTER, "udp": UDP}
+    return [
+        (f"{issue.get(sid, '')} {sid}".strip(), None, f"not measured: {why}")
+        for sid, why in skipped.items()
+    ]
+
+
+def format_targets(checks: list[Check]) -> str:
+    """The "== targets" section: per issue (most recent first), one PASS/FAIL/n/a line per
+    target; a line's first tag says whose target it is."""
     out = ["", "== targets, ratios from this run"]
-    for what, ok, detail in checks:
+    order = {t: i for i, t in enumerate((GATEWAY, ROUTER, UDP, FIRST))}
+
+    def issue(what: str) -> str:
+        return what.split(" ", 1)[0].split("/", 1)[0]
+
+    last = None
+    for what, ok, detail in sorted(checks, key=lambda c: order.get(issue(c[0]), len(order))):
+        tag_ = issue(what)
+        if tag_ != last and tag_ in ISSUES:
+            out.append(f"-- issue {tag_[1:]}: {ISSUES[tag_]}")
+        last = tag_
         mark = {True: "PASS", False: "FAIL", None: "n/a "}[ok]
         out.append(f"{mark}  {what}: {detail}")
     return "\n".join(out)

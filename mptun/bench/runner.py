@@ -2,7 +2,8 @@
 
 Per link setting (raw, then shaped) all cases' relays are started once; each round then runs
 every case once per direction, so a slow spell on this shared machine touches every case alike
-(ratios are read within one run). Per run: throughput at the receiver, CPU of each relay process
+(ratios are read within one run); the gateway cases may have more rounds of their own on the
+raw links (`--gateway-runs`). Per run: throughput at the receiver, CPU of each relay process
 and of the machine over the run, and the RTT of 64-byte ping-pongs on a second connection while
 the bulk stream runs.
 """
@@ -28,6 +29,7 @@ TRAFFIC = [sys.executable, "-m", "mptun.bench.traffic"]
 class Settings:
     seconds: float = 5.0  # per bulk run
     runs: int = 3  # per case, link and direction
+    gateway_runs: int | None = None  # the gateway cases' on the raw links (None: `runs`)
     links: tuple[str, ...] = ("raw", "shaped")
     directions: tuple[str, ...] = ("up", "down")
     connrate_seconds: float = 3.0
@@ -70,14 +72,24 @@ class Runner:
         self._do_connrate = self._do_connrate and not connrate
         self._do_idle = self._do_idle and not idle
 
+    def runs(self, link: str, case: Case) -> int:
+        """Transfers per direction of `case` on `link`: the gateway cases on the raw links
+        have their own count (issue 17's stall target counts ten runs)."""
+        s = self.settings
+        if link == "raw" and case.generator == "iperf3" and s.gateway_runs:
+            return s.gateway_runs
+        return s.runs
+
     def steps(self) -> int:
         s = self.settings
-        per_link = len(self.cases) * (len(s.directions) * s.runs + 1)
+        per_link = sum(
+            len(s.directions) * self.runs(link, c) + 1 for link in s.links for c in self.cases
+        )
         extra = 0
         if "raw" in s.links:
             extra = sum(c.connrate for c in self.cases) * self._do_connrate
             extra += sum(c.idle for c in self.cases) * self._do_idle
-        return per_link * len(s.links) + extra
+        return per_link + extra
 
     def run(self, progress: Progress) -> dict:
         self._start_target()
@@ -105,9 +117,12 @@ class Runner:
             for r in running:
                 self._rtt_idle(link, r)
                 progress.step(f"{link} {r.case.id}: started, idle RTT")
-            for i in range(self.settings.runs):
+            rounds = max((self.runs(link, r.case) for r in running), default=0)
+            for i in range(rounds):
                 for direction in self.settings.directions:
                     for r in running:
+                        if i >= self.runs(link, r.case):
+                            continue  # its runs are done; the gateway cases may have more
                         m = self._bulk(link, r, direction, i)
                         progress.step(
                             f"{link} {r.case.id} {direction} run {i + 1}: "

@@ -15,7 +15,7 @@ at the same time:
 
 - `mptun`: as is;
 - `no-pool`: the aead engine maps and unmaps every stage buffer (no `BufferPool`);
-- `waits`: handshake and SOCKS reads always wait for the event loop first (no `recv_ready`);
+- `waits`: handshake and SOCKS reads always wait for the event loop first (no `recv_now`);
 - `two-replies`: the SOCKS greeting's reply is sent on its own, not with the CONNECT's;
 - `bulk-plain`, `pool`: mptun with `--bulk plain` or `--pool 6` (options, not patches).
 
@@ -62,7 +62,8 @@ b.BufferPool.give = lambda self, *bufs: b.free_buffers(*bufs)
 import mptun.common.drive as d, mptun.client.socks as s, mptun.server.service as v
 async def recv_ready(loop, sock, n):
     return await loop.sock_recv(sock, n)
-d.recv_ready = s.recv_ready = v.recv_ready = recv_ready
+d.recv_now = s.recv_now = lambda sock, n: None
+v.recv_ready = recv_ready
 """,
     "two-replies": """
 import mptun.client.socks as s

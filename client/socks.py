@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import ipaddress
 import logging
 import socket
@@ -25,7 +26,7 @@ from mptun.client import socks5
 from mptun.client.tunnel import Tunneler
 from mptun.common.address import Address, format_sockaddr
 from mptun.common.crypto import read_secret_file
-from mptun.common.drive import recv_ready
+from mptun.common.drive import recv_now
 from mptun.common.errors import ConfigError
 from mptun.common.handshake import ConnectStatus
 from mptun.common.logutil import BurstLog
@@ -111,6 +112,7 @@ def bind_reach(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Reach:
     return Reach.PUBLIC
 
 
+@functools.lru_cache(maxsize=1024)  # a LAN's few hosts connect again and again
 def source_key(ip: str) -> str:
     """The source a connection counts against: its address (an IPv4-mapped one as IPv4), and
     "loopback" for every loopback address."""
@@ -252,8 +254,8 @@ class SocksListener:
         self._begin_handshake(key, sock)
         held = bytearray()  # replies not sent yet (`_negotiate`)
         try:
-            async with asyncio.timeout(self.handshake_timeout):
-                target = await _negotiate(loop, sock, hs, held)
+            deadline = loop.time() + self.handshake_timeout
+            target = await _negotiate(loop, sock, hs, held, deadline)
         except socks5.SocksError as e:
             self.tunneler.counters["socks-refused"] += 1
             if isinstance(e, socks5.AuthFailed):
@@ -358,6 +360,7 @@ async def _negotiate(
     sock: socket.socket,
     hs: socks5.Socks5Handshake,
     held: bytearray,
+    deadline: float,
 ):
     """The client's request (a target or a UDP ASSOCIATE); the replies on the way are held in
     `held` until the machine needs more bytes, then sent before waiting for them.
@@ -376,10 +379,14 @@ async def _negotiate(
         if isinstance(event, socks5.Send):
             held += event.data
             continue
-        if held:
-            await loop.sock_sendall(sock, bytes(held))
+        if held:  # a client that waits for the greeting's reply before its request
+            async with asyncio.timeout_at(deadline):
+                await loop.sock_sendall(sock, bytes(held))
             held.clear()
-        data = await recv_ready(loop, sock, 4096)  # queued with the accept, as a rule
+        data = recv_now(sock, 4096)  # queued with the accept, as a rule
+        if data is None:  # the deadline is armed only when the loop must wait (its cost)
+            async with asyncio.timeout_at(deadline):
+                data = await loop.sock_recv(sock, 4096)
         if not data:
             raise EOFError("client closed during the SOCKS handshake")
         hs.receive_data(data)

@@ -40,10 +40,13 @@ class Reply(enum.IntEnum):
     ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 
 
+# BND.ADDR and BND.PORT when the bound address is not told: 0.0.0.0:0
+_UNBOUND = Address(addr_codec.ip_or_name("0.0.0.0"), 0).encode()
+
+
 def reply(code: Reply, bound: Address | None = None) -> bytes:
     """A reply: VER REP RSV BND.ADDR BND.PORT (0.0.0.0:0 when the bound address is not told)."""
-    bound = bound or Address(addr_codec.ip_or_name("0.0.0.0"), 0)
-    return bytes([VERSION, int(code), 0x00]) + bound.encode()
+    return bytes((VERSION, code, 0x00)) + (_UNBOUND if bound is None else bound.encode())
 
 
 @dataclass(frozen=True, slots=True)

@@ -279,6 +279,16 @@ class Tunneler:
         queue = self.servers.order()
         if not queue:
             raise TunnelError("every server is down", Status.CONNECT)
+        if len(queue) == 1:  # nothing to race: no task and no wait (a connection's CPU)
+            i = queue[0]
+            first = self._first_flight(conn, i) if self.config.fast_open else None
+            try:
+                result = await self._open(loop, self.servers.servers[i].address, first)
+            except TunnelError as e:
+                self._attempt_failed(i, e)
+                raise
+            self._attempt_won(i, conn)
+            return result
         attempts: dict[asyncio.Task, int] = {}
         last: TunnelError | None = None
         try:
@@ -297,21 +307,17 @@ class Tunneler:
                 won: tuple[socket.socket, bool | None] | None = None
                 for task in done:
                     i = attempts.pop(task)
-                    server = self.servers.servers[i]
                     try:
                         result = task.result()
                     except TunnelError as e:
                         last = e
-                        reason = str(e).removeprefix(f"server {server.address} ")
-                        self.servers.tunnel_failed(i, reason)
-                        self.monitor.wake(i)
+                        self._attempt_failed(i, e)
                         continue
                     if won is not None:  # two at once: keep one
                         result[0].close()
                         continue
-                    self.servers.tunnel_ok(i)
-                    conn.server, won = server, result
-                    conn.hs = conn.flights.get(i)
+                    self._attempt_won(i, conn)
+                    won = result
                 if won is not None:
                     return won
         finally:
@@ -320,6 +326,18 @@ class Tunneler:
                 task.add_done_callback(_close_result)
         assert last is not None
         raise last
+
+    def _attempt_failed(self, i: int, e: TunnelError) -> None:
+        """Server `i` failed a tunnel's connect: down for new tunnels until a check answers."""
+        reason = str(e).removeprefix(f"server {self.servers.servers[i].address} ")
+        self.servers.tunnel_failed(i, reason)
+        self.monitor.wake(i)
+
+    def _attempt_won(self, i: int, conn: _Connection) -> None:
+        """Server `i` connected `conn`'s tunnel."""
+        self.servers.tunnel_ok(i)
+        conn.server = self.servers.servers[i]
+        conn.hs = conn.flights.get(i)
 
     def _attempt(
         self,
@@ -462,31 +480,25 @@ class Tunneler:
         early_data: bytes,
         wait_for_early_data: bool,
     ) -> tuple[socket.socket, bool | None, bytes] | None:
-        """Connect a tunnel, reading the application's first bytes meanwhile: the tunnel socket,
-        whether it is MPTCP (`open`), and the early data. None when it failed (`inner` is done)."""
+        """Connect a tunnel, then read the application's first bytes (queued in its socket while
+        the tunnel connected): the tunnel socket, whether it is MPTCP (`open`), and the early
+        data. None when it failed (`inner` is done)."""
         inner = conn.inner
-        if self.config.fast_open and wait_for_early_data and len(early_data) < MAX_EARLY_DATA:
+        wait = self.config.early_data_wait
+        want_early = wait_for_early_data and len(early_data) < MAX_EARLY_DATA
+        if self.config.fast_open and want_early:
             # The early data rides the SYN, so it is read before connecting: at once when the
             # application has sent, else after early_data_wait (the server speaks first).
-            now = loop.create_future()
-            now.set_result(None)
             try:
-                early_data += await _read_early(
-                    loop, inner, now, self.config, MAX_EARLY_DATA - len(early_data)
-                )
+                early_data += await _read_early(loop, inner, wait, MAX_EARLY_DATA - len(early_data))
             except OSError as e:
                 log.info("%s %s: client connection failed: %s", conn.cid, conn.source, e.strerror)
                 reset(inner)
                 return None
-            wait_for_early_data = False
+            want_early = False
         conn.early = early_data
-        connecting = loop.create_task(self._open_any(loop, conn))
         try:
-            if wait_for_early_data and len(early_data) < MAX_EARLY_DATA:
-                early_data += await _read_early(
-                    loop, inner, connecting, self.config, MAX_EARLY_DATA - len(early_data)
-                )
-            tunnel, mptcp = await connecting
+            tunnel, mptcp = await self._open_any(loop, conn)
         except TunnelError as e:
             self.counters[e.status.value] += 1
             if self.servers.all_down and self.config.when_down is WhenDown.DIRECT:
@@ -497,15 +509,28 @@ class Tunneler:
                 log.debug(*line)  # once per burst above; each one at debug
             await self._refuse(conn, ConnectStatus.GENERAL_FAILURE)
             return None
-        except OSError as e:
-            connecting.cancel()
+        except OSError as e:  # e.g. no descriptor left for the tunnel's socket (EMFILE)
             log.info("%s %s: client connection failed: %s", conn.cid, conn.source, e.strerror)
             reset(inner)
             return None
         except BaseException:
-            connecting.cancel()
             reset(inner)
             raise
+        if want_early:
+            # What the application sent while the tunnel connected (kept queued in its socket
+            # meanwhile), else what it sends within early_data_wait: protocols where the
+            # server speaks first send nothing.
+            try:
+                early_data += await _read_early(loop, inner, wait, MAX_EARLY_DATA - len(early_data))
+            except OSError as e:
+                log.info("%s %s: client connection failed: %s", conn.cid, conn.source, e.strerror)
+                tunnel.close()
+                reset(inner)
+                return None
+            except BaseException:
+                reset(tunnel)
+                reset(inner)
+                raise
         return tunnel, mptcp, early_data
 
     async def _handshake(
@@ -522,7 +547,7 @@ class Tunneler:
         send, sealed in encrypted mode); None when the connection ended here.
         """
         cid, source, target = conn.cid, conn.source, conn.target
-        via = {True: "mptcp", False: "tcp-fallback", None: "tcp"}[mptcp]
+        via = _VIA[mptcp]
         cfg = self.config
         psk = conn.server.psk if conn.server is not None else cfg.psk
         # --fast-open: the handshake whose first flight went with the connect
@@ -588,16 +613,18 @@ class Tunneler:
             tunnel.close()
             reset(conn.inner)
             return None
-        log.log(
-            connection_level(self.config.log_connections),
-            "%s %s %s -> %s: connected in %.0f ms%s",
-            cid,
-            source,
-            via,
-            target,
-            (time.monotonic() - conn.started) * 1000,
-            f" via {conn.server.address}" if conn.server and len(self.servers) > 1 else "",
-        )
+        level = connection_level(self.config.log_connections)
+        if log.isEnabledFor(level):  # the arguments cost a connection's CPU even unlogged
+            log.log(
+                level,
+                "%s %s %s -> %s: connected in %.0f ms%s",
+                cid,
+                source,
+                via,
+                target,
+                (time.monotonic() - conn.started) * 1000,
+                f" via {conn.server.address}" if conn.server and len(self.servers) > 1 else "",
+            )
         return hs, rest
 
     async def _replace_pooled(
@@ -692,8 +719,11 @@ class Tunneler:
         self.bytes_down += stats.from_tunnel
         if not stats.clean and stats.status is not None:
             self.counters[stats.status.value] += 1
+        level = connection_level(self.config.log_connections)
+        if not log.isEnabledFor(level):
+            return
         log.log(
-            connection_level(self.config.log_connections),
+            level,
             "%s %s closed after %.1f s: up %s, down %s, %s, %s (%d reads)",
             cid,
             target,
@@ -824,6 +854,9 @@ class Tunneler:
             reset(conn.inner)
 
 
+_VIA = {True: "mptcp", False: "tcp-fallback", None: "tcp"}  # how a tunnel runs, for its lines
+
+
 def _close_result(task: asyncio.Task) -> None:
     """Close the socket of a dropped connect attempt that connected after all."""
     if not task.cancelled() and task.exception() is None:
@@ -839,30 +872,29 @@ _STATUS_OF_ERRNO = {
 
 
 async def _read_early(
-    loop: asyncio.AbstractEventLoop,
-    inner: socket.socket,
-    connecting: asyncio.Task,
-    config: TunnelConfig,
-    limit: int,
+    loop: asyncio.AbstractEventLoop, inner: socket.socket, wait: float, limit: int
 ) -> bytes:
-    """The application's first bytes, read while the tunnel connects, to ride in the first flight.
-
-    Waits until the tunnel is connected, then at most `early_data_wait` more, for protocols where
-    the server speaks first.
-    """
+    """The application's first bytes, to ride in the first flight: what is queued now, else what
+    arrives within `wait` seconds (nothing, for protocols where the server speaks first)."""
+    try:
+        return inner.recv(limit, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        pass
     readable = loop.create_future()
+
+    def done() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
     fd = inner.fileno()
-    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+    loop.add_reader(fd, done)
+    timer = loop.call_later(wait, done)
     try:
-        await asyncio.wait({readable, connecting}, return_when=asyncio.FIRST_COMPLETED)
-        connected = connecting.done() and not connecting.cancelled() and not connecting.exception()
-        if not readable.done() and connected:
-            await asyncio.wait({readable}, timeout=config.early_data_wait)
+        await readable
     finally:
+        timer.cancel()
         loop.remove_reader(fd)
-    if not readable.done():
-        return b""
     try:
-        return inner.recv(limit)
-    except BlockingIOError:
+        return inner.recv(limit, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
         return b""

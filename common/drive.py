@@ -39,18 +39,21 @@ async def drive(
     None when the peer closes first. `deadline` is in `loop.time()`; reaching it raises
     TimeoutError. The machine's `ProtocolError`s and the socket's `OSError`s pass through.
     """
-    async with asyncio.timeout_at(deadline):
-        while isinstance(event := machine.next_event(), NeedData):
-            # Read exactly what the machine needs: what follows stays in the kernel.
-            data = await recv_ready(loop, sock, machine.bytes_needed())
-            if not data:
-                return None
-            machine.receive_data(data)
-        return event
+    while isinstance(event := machine.next_event(), NeedData):
+        # Read exactly what the machine needs: what follows stays in the kernel.
+        n = machine.bytes_needed()
+        data = recv_now(sock, n)
+        if data is None:  # the deadline is armed only when the loop must wait (its cost)
+            async with asyncio.timeout_at(deadline):
+                data = await loop.sock_recv(sock, n)
+        if not data:
+            return None
+        machine.receive_data(data)
+    return event
 
 
-async def recv_ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    """`loop.sock_recv`, but bytes already queued are taken at once, without the event loop.
+def recv_now(sock: socket.socket, n: int) -> bytes | None:
+    """Up to `n` bytes already queued on `sock` (b"" at its end), or None when nothing is.
 
     A handshake's answer arrives in one flight and is read in parts (`bytes_needed()`); the
     loop waits for readiness before every read, and uvloop registers and drops the socket with
@@ -63,4 +66,11 @@ async def recv_ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: in
             return sock.recv(n, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             pass
-    return await loop.sock_recv(sock, n)
+    return None
+
+
+async def recv_ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    """`loop.sock_recv`, but bytes already queued are taken at once, without the event loop
+    (`recv_now`)."""
+    data = recv_now(sock, n)
+    return await loop.sock_recv(sock, n) if data is None else data

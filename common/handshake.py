@@ -22,7 +22,16 @@ from cryptography.exceptions import InvalidTag
 
 from mptun.common import address as addr_codec
 from mptun.common.address import Address, InvalidName
-from mptun.common.crypto import KEY_LEN, NONCE_LEN, TAG_LEN, CipherSpec, hkdf, nonce
+from mptun.common.crypto import (
+    KEY_LEN,
+    NONCE_LEN,
+    TAG_LEN,
+    CipherSpec,
+    hkdf,
+    hkdf_expand,
+    hkdf_extract,
+    nonce,
+)
 from mptun.common.errors import ConfigError, ProtocolError, Status, UsageError
 from mptun.common.replay import ReplayGuard
 
@@ -156,8 +165,9 @@ class BulkKeys:
 def derive_bulk_keys(psk: bytes, cipher: CipherSpec, salt_c: bytes, salt_s: bytes) -> BulkKeys:
     salt = salt_c + salt_s
     n = cipher.key_len + NONCE_LEN
-    c2s = hkdf(psk, salt, LABEL_BULK_C2S, n)
-    s2c = hkdf(psk, salt, LABEL_BULK_S2C, n)
+    prk = hkdf_extract(salt, psk)  # one extract for both directions' expands
+    c2s = hkdf_expand(prk, LABEL_BULK_C2S, n)
+    s2c = hkdf_expand(prk, LABEL_BULK_S2C, n)
     k = cipher.key_len
     return BulkKeys(c2s[:k], c2s[k:], s2c[:k], s2c[k:])
 

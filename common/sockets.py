@@ -114,16 +114,17 @@ async def wait_connected(
     fut = loop.create_future()
     fd = sock.fileno()
 
-    def ready() -> None:
+    def ready(connected: bool) -> None:
         if not fut.done():
-            fut.set_result(None)
+            fut.set_result(connected)
 
-    loop.add_writer(fd, ready)
+    loop.add_writer(fd, ready, True)
+    timer = loop.call_later(timeout, ready, False)  # cheaper than asyncio.wait_for's waiter
     try:
-        await asyncio.wait_for(fut, timeout)
-    except TimeoutError:
-        raise OSError(errno.ETIMEDOUT, "connection timed out") from None
+        if not await fut:
+            raise OSError(errno.ETIMEDOUT, "connection timed out")
     finally:
+        timer.cancel()
         loop.remove_writer(fd)
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:

@@ -1,5 +1,6 @@
 """Time to the first response byte of a new tunneled connection, over a link with a real delay:
-mptun's defaults against `--fast-open` and `--pool`.
+mptun's defaults against `--fast-open` and `--pool`, and shadowsocks-libev without and with its
+own `--fast-open`.
 
 Two namespaces, router and VPS, joined by `mptun.lab.delayline` (TUN devices and a process that
 holds each packet `--delay-ms` one way: this host's kernel has no netem); the VPS namespace runs
@@ -37,6 +38,10 @@ CASES = {
     "pool": ("--pool", "2"),
     "tcp": ("--transport", "tcp"),
     "tcp-fast-open": ("--transport", "tcp", "--fast-open"),
+    # shadowsocks-libev (ss-server and ss-local, aes-256-gcm, TCP), without and with its own
+    # --fast-open at both ends: what a shadowsocks user compares with
+    "ss": (),
+    "ss-fast-open": ("--fast-open",),
 }
 
 
@@ -113,18 +118,28 @@ def one_case(
                 **out,
             )
             wait_listening(VPS, 8080, proc=www, prefix=vps.prefix())
-            mptun = [py, "-m", "mptun", "--log-level", log_level]
-            server = vps.popen(
-                [*mptun, "server", "--listen", f"{VPS}:8443", "--key-file", str(key),
-                 "--allow-private"],  # the target is the server's own address
-                **out,
-            )  # fmt: skip
-            wait_listening(VPS, 8443, proc=server, prefix=vps.prefix())
-            client = router.popen(
-                [*mptun, "client", "--server", f"{VPS}:8443", "--key-file", str(key),
-                 "--socks", "127.0.0.1:1080", *extra],
-                **out,
-            )  # fmt: skip
+            if name.startswith("ss"):
+                password = ["-k", generate_key(), "-m", "aes-256-gcm", *extra]
+                server = vps.popen(["ss-server", "-s", VPS, "-p", "8443", *password], **out)
+                wait_listening(VPS, 8443, proc=server, prefix=vps.prefix())
+                client = router.popen(
+                    ["ss-local", "-s", VPS, "-p", "8443", "-b", "127.0.0.1", "-l", "1080",
+                     *password],
+                    **out,
+                )  # fmt: skip
+            else:
+                mptun = [py, "-m", "mptun", "--log-level", log_level]
+                server = vps.popen(
+                    [*mptun, "server", "--listen", f"{VPS}:8443", "--key-file", str(key),
+                     "--allow-private"],  # the target is the server's own address
+                    **out,
+                )  # fmt: skip
+                wait_listening(VPS, 8443, proc=server, prefix=vps.prefix())
+                client = router.popen(
+                    [*mptun, "client", "--server", f"{VPS}:8443", "--key-file", str(key),
+                     "--socks", "127.0.0.1:1080", *extra],
+                    **out,
+                )  # fmt: skip
             wait_listening("127.0.0.1", 1080, proc=client, prefix=router.prefix())
 
             def fetch() -> float | None:
@@ -142,7 +157,8 @@ def one_case(
                     return None
                 return float(first)
 
-            wait_until(lambda: b" is up" in Path(log.name).read_bytes(), 20.0, "server up")
+            if not name.startswith("ss"):  # mptun's client has checked its server
+                wait_until(lambda: b" is up" in Path(log.name).read_bytes(), 20.0, "server up")
             warm = fetch()
             times, failed = [], 0
             for _ in range(runs):
@@ -193,6 +209,10 @@ def main() -> int:
     ap.add_argument("--cases", default=",".join(CASES), help="of " + ", ".join(CASES))
     ap.add_argument("--json", action="store_true", help="one JSON list on stdout")
     a = ap.parse_args()
+    if bad := [c for c in a.cases.split(",") if c not in CASES]:
+        ap.error(f"unknown cases {', '.join(bad)}: choose from {', '.join(CASES)}")
+    if any(c.startswith("ss") for c in a.cases.split(",")) and not shutil.which("ss-local"):
+        ap.error("the ss cases need shadowsocks-libev (apt-get install shadowsocks-libev)")
     results = []
     for name in a.cases.split(","):
         with tempfile.TemporaryDirectory(prefix="mptun-fb.") as tmp:

@@ -68,8 +68,8 @@ v.recv_ready = recv_ready
     "two-replies": """
 import mptun.client.socks as s
 negotiate = s._negotiate
-async def _negotiate(loop, sock, hs, held):
-    target = await negotiate(loop, sock, hs, held)
+async def _negotiate(loop, sock, hs, held, deadline):
+    target = await negotiate(loop, sock, hs, held, deadline)
     if held:
         await loop.sock_sendall(sock, bytes(held))
         held.clear()

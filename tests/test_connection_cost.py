@@ -195,7 +195,7 @@ def test_a_pipelined_greeting_is_answered_with_the_connect_reply() -> None:
     async def go(loop, a, b):
         b.sendall(GREETING + CONNECT + b"GET")
         held = bytearray()
-        target = await _negotiate(loop, a, socks5.Socks5Handshake(None), held)
+        target = await _negotiate(loop, a, socks5.Socks5Handshake(None), held, loop.time() + 5)
         try:
             sent = b.recv(100)
         except BlockingIOError:
@@ -214,7 +214,8 @@ def test_a_client_that_waits_for_the_greeting_reply_gets_it() -> None:
     async def go(loop, a, b):
         held = bytearray()
         b.sendall(GREETING)
-        task = asyncio.ensure_future(_negotiate(loop, a, socks5.Socks5Handshake(None), held))
+        hs = socks5.Socks5Handshake(None)
+        task = asyncio.ensure_future(_negotiate(loop, a, hs, held, loop.time() + 5))
         reply = await loop.sock_recv(b, 100)
         assert not task.done()
         b.sendall(CONNECT)

@@ -26,7 +26,7 @@ from mptun.client import socks5
 from mptun.client.tunnel import Tunneler
 from mptun.common.address import Address, format_sockaddr
 from mptun.common.crypto import read_secret_file
-from mptun.common.drive import recv_now
+from mptun.common.drive import recv_ready
 from mptun.common.errors import ConfigError
 from mptun.common.handshake import ConnectStatus
 from mptun.common.logutil import BurstLog
@@ -383,10 +383,7 @@ async def _negotiate(
             async with asyncio.timeout_at(deadline):
                 await loop.sock_sendall(sock, bytes(held))
             held.clear()
-        data = recv_now(sock, 4096)  # queued with the accept, as a rule
-        if data is None:  # the deadline is armed only when the loop must wait (its cost)
-            async with asyncio.timeout_at(deadline):
-                data = await loop.sock_recv(sock, 4096)
+        data = await recv_ready(loop, sock, 4096, deadline)  # queued with the accept, as a rule
         if not data:
             raise EOFError("client closed during the SOCKS handshake")
         hs.receive_data(data)

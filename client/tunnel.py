@@ -25,7 +25,7 @@ from mptun.client.pool import TunnelPool
 from mptun.client.servers import Change, Policy, Server, ServerSet, State, WhenDown
 from mptun.common.address import Address
 from mptun.common.crypto import CipherSpec
-from mptun.common.drive import drive
+from mptun.common.drive import drive, recv_now
 from mptun.common.errors import ProtocolError, Status
 from mptun.common.handshake import (
     CHECK_TARGET,
@@ -49,6 +49,7 @@ from mptun.common.sockets import (
     set_keepalive,
     set_user_timeout,
     tune_leg,
+    wait_ready,
 )
 
 if TYPE_CHECKING:
@@ -876,25 +877,7 @@ async def _read_early(
 ) -> bytes:
     """The application's first bytes, to ride in the first flight: what is queued now, else what
     arrives within `wait` seconds (nothing, for protocols where the server speaks first)."""
-    try:
-        return inner.recv(limit, socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        pass
-    readable = loop.create_future()
-
-    def done() -> None:
-        if not readable.done():
-            readable.set_result(None)
-
-    fd = inner.fileno()
-    loop.add_reader(fd, done)
-    timer = loop.call_later(wait, done)
-    try:
-        await readable
-    finally:
-        timer.cancel()
-        loop.remove_reader(fd)
-    try:
-        return inner.recv(limit, socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return b""
+    data = recv_now(inner, limit)
+    if data is None and await wait_ready(loop, inner, wait):
+        data = recv_now(inner, limit)
+    return data or b""

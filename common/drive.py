@@ -41,11 +41,7 @@ async def drive(
     """
     while isinstance(event := machine.next_event(), NeedData):
         # Read exactly what the machine needs: what follows stays in the kernel.
-        n = machine.bytes_needed()
-        data = recv_now(sock, n)
-        if data is None:  # the deadline is armed only when the loop must wait (its cost)
-            async with asyncio.timeout_at(deadline):
-                data = await loop.sock_recv(sock, n)
+        data = await recv_ready(loop, sock, machine.bytes_needed(), deadline)
         if not data:
             return None
         machine.receive_data(data)
@@ -69,8 +65,16 @@ def recv_now(sock: socket.socket, n: int) -> bytes | None:
     return None
 
 
-async def recv_ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+async def recv_ready(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, deadline: float | None = None
+) -> bytes:
     """`loop.sock_recv`, but bytes already queued are taken at once, without the event loop
-    (`recv_now`)."""
+    (`recv_now`); with a `deadline` (in `loop.time()`), TimeoutError when the wait reaches it.
+    The deadline is armed only when the loop must wait: that is its cost."""
     data = recv_now(sock, n)
-    return await loop.sock_recv(sock, n) if data is None else data
+    if data is not None:
+        return data
+    if deadline is None:
+        return await loop.sock_recv(sock, n)
+    async with asyncio.timeout_at(deadline):
+        return await loop.sock_recv(sock, n)

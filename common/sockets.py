@@ -111,24 +111,32 @@ async def wait_connected(
 ) -> None:
     """Wait until a connecting socket is writable (connected or failed); OSError if it failed,
     ETIMEDOUT after `timeout`."""
-    fut = loop.create_future()
-    fd = sock.fileno()
-
-    def ready(connected: bool) -> None:
-        if not fut.done():
-            fut.set_result(connected)
-
-    loop.add_writer(fd, ready, True)
-    timer = loop.call_later(timeout, ready, False)  # cheaper than asyncio.wait_for's waiter
-    try:
-        if not await fut:
-            raise OSError(errno.ETIMEDOUT, "connection timed out")
-    finally:
-        timer.cancel()
-        loop.remove_writer(fd)
+    if not await wait_ready(loop, sock, timeout, write=True):
+        raise OSError(errno.ETIMEDOUT, "connection timed out")
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, errno.errorcode.get(err, str(err)))
+
+
+async def wait_ready(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float, write: bool = False
+) -> bool:
+    """Whether `sock` turns readable (writable with `write`) within `timeout` seconds: one
+    reader or writer and one timer, cheaper than asyncio.wait_for's waiter and callbacks."""
+    fut = loop.create_future()
+    fd = sock.fileno()
+
+    def ready(yes: bool) -> None:
+        if not fut.done():
+            fut.set_result(yes)
+
+    (loop.add_writer if write else loop.add_reader)(fd, ready, True)
+    timer = loop.call_later(timeout, ready, False)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+        (loop.remove_writer if write else loop.remove_reader)(fd)
 
 
 def tune_leg(sock: socket.socket) -> None:
